@@ -1,0 +1,22 @@
+"""jxent: softmax cross-entropy for any JAX predictor, with a hand-derived, proven gradient."""
+
+from jxent import predictors
+from jxent._checked import checked
+from jxent._fd import finite_difference_entries, finite_difference_grad
+from jxent._loss import logits_grad, loss_and_logits_grad, softmax_cross_entropy
+from jxent._vjp import batched, grad, value_and_grad
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "batched",
+    "checked",
+    "finite_difference_entries",
+    "finite_difference_grad",
+    "grad",
+    "logits_grad",
+    "loss_and_logits_grad",
+    "predictors",
+    "softmax_cross_entropy",
+    "value_and_grad",
+]
