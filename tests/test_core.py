@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -285,7 +286,8 @@ def test_class_axis_can_be_anywhere(x64, key, label_kind):
 
 
 def test_cli_help_and_module_entry_point():
-    for cmd in (["jxent", "--help"], [sys.executable, "-m", "jxent", "--help"]):
+    script = str(Path(sys.executable).parent / "jxent")  # the venv's console script
+    for cmd in ([script, "--help"], [sys.executable, "-m", "jxent", "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         assert "demo" in out.stdout
         assert "check" in out.stdout
