@@ -2,7 +2,7 @@
 
 The plain jitted path cannot raise, so a bad label makes that example's loss and gradient row NaN.
 :func:`checked` traces a function with label checks switched on and raises a
-``JaxRuntimeError`` naming the first bad position instead.
+``checkify.JaxRuntimeError`` (a ``ValueError``) naming the first bad position instead.
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def checked(fn: F) -> F:
             plain (un-jitted) function: it is traced here with the checks switched on.
 
     Returns:
-        A jitted function with ``fn``'s signature that raises
-        ``jax.errors.JaxRuntimeError`` ("label out of range: flat position ...") on a bad label.
+        A jitted function with ``fn``'s signature that raises ``checkify.JaxRuntimeError`` (a
+        ``ValueError``: "label out of range: flat position ...") on a bad label. Arguments are
+        passed through ``jit``, so bind static options (``reduction=...``) beforehand, e.g.
+        with ``jxent.value_and_grad(predictor, reduction="sum")`` or ``functools.partial``.
 
     Examples:
         >>> import jax.numpy as jnp, jxent
@@ -66,7 +68,7 @@ def checked(fn: F) -> F:
         >>> f(jnp.zeros((2, 3)), jnp.array([0, 3]))
         Traceback (most recent call last):
         ...
-        jax.errors.JaxRuntimeError: label out of range: flat position 1 has label 3, ...
+        jax._src.checkify.JaxRuntimeError: label out of range: flat position 1 has label 3, ...
     """
 
     def with_checks(*args: Any, **kwargs: Any) -> Any:

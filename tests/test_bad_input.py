@@ -1,0 +1,114 @@
+"""Bad input: a clear error eagerly, NaN (or a checkify error) under jit -- never a wrong number."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jxent
+from jxent.predictors import linear
+
+L = 4
+LOGITS = jnp.arange(12.0).reshape(3, L) / 10.0
+
+
+@pytest.mark.parametrize(
+    ("labels", "kwargs", "message"),
+    [
+        (jnp.array([0, 4, 1]), {}, "labels[1] = 4, expected 0..3"),
+        (jnp.array([0, 1, -1]), {}, "labels[2] = -1, expected 0..3"),
+        (jnp.array([-100, 7, 1]), {"ignore_index": -100}, "labels[1] = 7, expected 0..3 or "),
+    ],
+)
+def test_out_of_range_label_raises_eagerly_naming_position(labels, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        jxent.loss_and_logits_grad(LOGITS, labels, **kwargs)
+
+
+def test_out_of_range_label_in_2d_batch_names_the_index_tuple():
+    with pytest.raises(ValueError, match=re.escape(r"labels[(1, 0)] = 9")):
+        jxent.softmax_cross_entropy(jnp.zeros((2, 2, L)), jnp.array([[0, 1], [9, 2]]))
+
+
+def test_masked_out_of_range_label_is_allowed():
+    """Padding with garbage labels under where=False is common; it must not raise or NaN."""
+    y = jnp.array([0, 99, 1])
+    loss, g = jxent.loss_and_logits_grad(LOGITS, y, where=jnp.array([True, False, True]))
+    assert np.isfinite(loss)
+    np.testing.assert_array_equal(g[1], 0.0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_out_of_range_label_under_jit_is_nan_for_that_example_only(reduction):
+    y_bad = jnp.array([0, 4, 1])
+    y_good = jnp.array([0, 2, 1])
+    f = jax.jit(lambda z, y: jxent.loss_and_logits_grad(z, y, reduction=reduction))
+    loss, g = f(LOGITS, y_bad)
+    _, g_good = f(LOGITS, y_good)
+    assert np.all(np.isnan(g[1]))
+    np.testing.assert_array_equal(g[np.array([0, 2])], g_good[np.array([0, 2])])
+    if reduction == "none":
+        assert np.isnan(loss[1])
+        assert np.all(np.isfinite(loss[np.array([0, 2])]))
+    else:
+        assert np.isnan(loss)
+
+
+def test_optax_and_one_hot_would_silently_accept_the_bad_label():
+    """Why jxent does not build on them: a plausible finite gradient for a bad label."""
+    y = jnp.array([0, 4, 1])
+    g = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, y).sum())(LOGITS)
+    assert np.all(np.isfinite(g[1]))
+    np.testing.assert_array_equal(jax.nn.one_hot(y, L)[1], 0.0)
+
+
+def test_checked_raises_under_jit():
+    params = linear.init(jax.random.key(0), 3, L)
+    f = jxent.checked(jxent.value_and_grad(linear.apply))
+    x = jnp.ones((3, 3))
+    loss, _ = f(params, x, jnp.array([0, 1, 2]))
+    assert np.isfinite(loss)
+    # checkify.JaxRuntimeError subclasses ValueError, like the eager error.
+    with pytest.raises(ValueError, match="flat position 2 has label 5"):
+        f(params, x, jnp.array([0, 1, 5]))
+
+
+@pytest.mark.parametrize(
+    ("logits", "labels", "kwargs", "error", "message"),
+    [
+        (LOGITS, jnp.array([0, 1]), {}, ValueError, "integer labels must have shape (3,)"),
+        (LOGITS, jnp.ones((3, 3)), {}, ValueError, "must have the logits' shape (3, 4)"),
+        (LOGITS, jnp.array([True, False, True]), {}, TypeError, "found dtype bool"),
+        (LOGITS.astype(jnp.int32), jnp.array([0, 1, 2]), {}, TypeError, "floating dtype"),
+        (LOGITS, jnp.array([0, 1, 2]), {"weights": jnp.ones(3)}, ValueError, "shape (4,)"),
+        (LOGITS, jnp.array([0, 1, 2]), {"label_smoothing": 1.5}, ValueError, "[0.0, 1.0]"),
+        (LOGITS, jnp.array([0, 1, 2]), {"label_smoothing": -0.1}, ValueError, "label_smoothing"),
+        (LOGITS, jnp.array([0, 1, 2]), {"z_loss": -1.0}, ValueError, "z_loss must lie"),
+        (LOGITS, jnp.array([0, 1, 2]), {"logit_softcap": 0.0}, ValueError, "must be positive"),
+        (LOGITS, jnp.array([0, 1, 2]), {"reduction": "avg"}, ValueError, "reduction must be"),
+        (LOGITS, jnp.array([0, 1, 2]), {"where": jnp.ones(3)}, TypeError, "boolean mask"),
+        (LOGITS, jnp.array([0, 1, 2]), {"where": jnp.ones(2, bool)}, ValueError, "shape (3,)"),
+        (LOGITS, jnp.ones((3, L)), {"ignore_index": -100}, ValueError, "integer labels only"),
+        (LOGITS, jnp.array([0, 1, 2]), {"axis": 2}, ValueError, "axis=2 is out of range"),
+    ],
+)
+def test_bad_arguments_raise_with_what_was_expected(logits, labels, kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        jxent.loss_and_logits_grad(logits, labels, **kwargs)
+
+
+def test_shape_errors_also_raise_under_jit():
+    """Shapes and dtypes are static, so these checks run at trace time inside jit too."""
+    with pytest.raises(ValueError, match="integer labels must have shape"):
+        jax.jit(jxent.softmax_cross_entropy)(LOGITS, jnp.array([0, 1]))
+
+
+def test_unknown_option_is_rejected():
+    with pytest.raises(TypeError, match=r"unknown loss option\(s\) \['smoothing'\]"):
+        jxent.value_and_grad(linear.apply, smoothing=0.1)
+    params = linear.init(jax.random.key(0), 3, L)
+    with pytest.raises(TypeError, match="unknown loss option"):
+        jxent.grad(linear.apply)(params, jnp.ones((3, 3)), jnp.array([0, 1, 2]), mask=None)
