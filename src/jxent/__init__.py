@@ -1,6 +1,14 @@
 """jxent: softmax cross-entropy for any JAX predictor, with a hand-derived, proven gradient."""
 
 from jxent import predictors
+from jxent._check import (
+    Diagnosis,
+    GradCheckReport,
+    GradientCheckError,
+    Kind,
+    LeafReport,
+    check_grads,
+)
 from jxent._checked import checked
 from jxent._fd import finite_difference_entries, finite_difference_grad
 from jxent._loss import logits_grad, loss_and_logits_grad, softmax_cross_entropy
@@ -9,7 +17,13 @@ from jxent._vjp import batched, grad, value_and_grad
 __version__ = "0.1.0"
 
 __all__ = [
+    "Diagnosis",
+    "GradCheckReport",
+    "GradientCheckError",
+    "Kind",
+    "LeafReport",
     "batched",
+    "check_grads",
     "checked",
     "finite_difference_entries",
     "finite_difference_grad",
