@@ -5,6 +5,9 @@ import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Scripts that tests run in subprocesses (with their own XLA flags), not test modules.
+collect_ignore = ["scripts"]
+
 
 @pytest.fixture
 def x64():

@@ -1,6 +1,6 @@
 """jxent: softmax cross-entropy for any JAX predictor, with a hand-derived, proven gradient."""
 
-from jxent import predictors
+from jxent import predictors, train
 from jxent._check import (
     Diagnosis,
     GradCheckReport,
@@ -32,5 +32,6 @@ __all__ = [
     "loss_and_logits_grad",
     "predictors",
     "softmax_cross_entropy",
+    "train",
     "value_and_grad",
 ]

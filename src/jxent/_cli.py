@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jxent import _demo
 from jxent._check import check_grads
 from jxent._mistakes import MISTAKES
 from jxent._vjp import grad as hand_grad
@@ -88,12 +89,6 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _demo(args: argparse.Namespace) -> int:
-    ok = _check_builtin(jnp.float32)
-    print("gradient check:", "PASS" if ok else "FAIL")
-    return 0 if ok else 1
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jxent",
@@ -101,8 +96,12 @@ def _parser() -> argparse.ArgumentParser:
         "autodiff and finite differences.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="check the hand-derived gradient of built-in predictors")
-    demo.set_defaults(run=_demo)
+    demo = sub.add_parser(
+        "demo",
+        help="check the hand-derived gradient, then train an MLP on the bundled digits data",
+    )
+    _demo.add_arguments(demo)
+    demo.set_defaults(run=_demo.run)
     check = sub.add_parser(
         "check",
         help="check jxent's hand-derived gradient (or diagnose classic mistakes)",

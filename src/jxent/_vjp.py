@@ -95,13 +95,26 @@ def value_and_grad(predictor: Predictor, **loss_options: Any) -> ValueAndGradFn:
     def value_and_grad_fn(
         params: PyTree, x: Any, labels: ArrayLike, **options: Any
     ) -> tuple[jax.Array, PyTree]:
-        check_option_names(options)
-        logits, pullback = jax.vjp(lambda p: predictor(p, x), params)
-        loss, cotangent = loss_and_logits_grad(logits, labels, **{**loss_options, **options})
-        (grads,) = pullback(cotangent)
+        loss, grads, _ = loss_grads_and_logits(predictor, params, x, labels, loss_options, options)
         return loss, grads
 
     return value_and_grad_fn
+
+
+def loss_grads_and_logits(
+    predictor: Predictor,
+    params: PyTree,
+    x: Any,
+    labels: ArrayLike,
+    loss_options: dict[str, Any],
+    call_options: dict[str, Any],
+) -> tuple[jax.Array, PyTree, jax.Array]:
+    """The one implementation behind :func:`value_and_grad` and the training step."""
+    check_option_names(call_options)
+    logits, pullback = jax.vjp(lambda p: predictor(p, x), params)
+    loss, cotangent = loss_and_logits_grad(logits, labels, **{**loss_options, **call_options})
+    (grads,) = pullback(cotangent)
+    return loss, grads, logits
 
 
 def grad(predictor: Predictor, **loss_options: Any) -> Callable[..., PyTree]:
