@@ -11,6 +11,7 @@ from jxent._check import (
 )
 from jxent._checked import checked
 from jxent._fd import finite_difference_entries, finite_difference_grad
+from jxent._linear import linear_cross_entropy
 from jxent._loss import logits_grad, loss_and_logits_grad, softmax_cross_entropy
 from jxent._vjp import batched, grad, value_and_grad
 
@@ -28,6 +29,7 @@ __all__ = [
     "finite_difference_entries",
     "finite_difference_grad",
     "grad",
+    "linear_cross_entropy",
     "logits_grad",
     "loss_and_logits_grad",
     "predictors",

@@ -211,12 +211,26 @@ def loss_and_logits_grad(
     loss = jnp.where(bad, jnp.nan, loss)
     grad = jnp.where(bad[..., None], jnp.nan, grad)
     if reduction == "mean":
-        denominator = jnp.sum(jnp.where(counted, normaliser, 0.0))
-        scale = 1.0 / jnp.where(denominator == 0, 1.0, denominator)
+        scale = 1.0 / mean_denominator(counted, normaliser)
         loss, grad = jnp.sum(loss) * scale, grad * scale
     elif reduction == "sum":
         loss = jnp.sum(loss)
     return loss, jnp.moveaxis(grad, -1, axis).astype(logits.dtype)
+
+
+def mean_denominator(counted: jax.Array, normaliser: jax.Array) -> jax.Array:
+    r"""The divisor of ``reduction="mean"``: :math:`\sum_i m_i n_i`, or 1 when that is 0.
+
+    Args:
+        counted: Boolean mask :math:`m_i` of the examples that count.
+        normaliser: :math:`n_i`: the target class's weight for integer labels with class
+            weights, else 1.
+
+    Returns:
+        A positive scalar.
+    """
+    denominator = jnp.sum(jnp.where(counted, normaliser, 0.0))
+    return jnp.where(denominator == 0, 1.0, denominator)
 
 
 def softmax_cross_entropy(
