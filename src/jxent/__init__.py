@@ -11,7 +11,7 @@ from jxent._check import (
 )
 from jxent._checked import checked
 from jxent._fd import finite_difference_entries, finite_difference_grad
-from jxent._linear import linear_cross_entropy
+from jxent._linear import linear_cross_entropy, vocab_parallel_linear_cross_entropy
 from jxent._loss import logits_grad, loss_and_logits_grad, softmax_cross_entropy
 from jxent._vjp import batched, grad, value_and_grad
 
@@ -36,4 +36,5 @@ __all__ = [
     "softmax_cross_entropy",
     "train",
     "value_and_grad",
+    "vocab_parallel_linear_cross_entropy",
 ]

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
 from jxent import _validate
@@ -126,6 +127,38 @@ def linear_cross_entropy(
         Liger Kernel fused linear cross-entropy; Wijmans et al. 2024, "Cut Your Losses in
         Large-Vocabulary Language Models"; PyTorch ``F.linear_cross_entropy``.
     """
+    args, config = _prepare(
+        x,
+        w,
+        labels,
+        bias,
+        chunk_size,
+        reduction,
+        weights,
+        where,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        logit_softcap,
+    )
+    return _custom_vjp(config)(*args)
+
+
+def _prepare(
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
+    bias: ArrayLike | None,
+    chunk_size: int | None,
+    reduction: str,
+    weights: ArrayLike | None,
+    where: ArrayLike | None,
+    ignore_index: int | None,
+    label_smoothing: float,
+    z_loss: float,
+    logit_softcap: float | None,
+) -> tuple[tuple[jax.Array, ...], _Config]:
+    """Validates the arguments; returns the custom_vjp's array arguments and static config."""
     x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
     num_tokens, num_classes = _check_shapes(x, w, bias)
     soft = _validate.check_labels(
@@ -171,7 +204,7 @@ def linear_cross_entropy(
     if weights is None:
         weights = jnp.ones((num_classes,), acc)
     mask = jnp.ones((num_tokens,), bool) if where is None else where
-    return _custom_vjp(config)(x, w, bias, labels, mask, weights, denominator)
+    return (x, w, bias, labels, mask, weights, denominator), config
 
 
 def accumulation_dtype(x: jax.Array, w: jax.Array) -> Any:
@@ -193,24 +226,30 @@ def _check_shapes(x: jax.Array, w: jax.Array, bias: ArrayLike | None) -> tuple[i
 
 
 @functools.lru_cache(maxsize=64)
-def _custom_vjp(config: _Config) -> Any:
+def _custom_vjp(config: _Config, backend: tuple = ("chunked",)) -> Any:
+    """The loss as a custom_vjp over ``_fused`` (one device) or ``_vocab_parallel_fused``."""
+    if backend[0] == "chunked":
+        fused = _fused
+    else:
+        fused = functools.partial(_vocab_parallel_fused, backend[1], backend[2])
+
     @jax.custom_vjp
     def loss_fn(x, w, b, labels, mask, weights, denominator):
-        per_token = _fused(config, x, w, b, labels, mask, weights, None)[0]
+        per_token = fused(config, x, w, b, labels, mask, weights, None)[0]
         return _reduce(config, per_token, denominator)
 
     def fwd(x, w, b, labels, mask, weights, denominator):
         if config.reduction == "none":
-            per_token = _fused(config, x, w, b, labels, mask, weights, None)[0]
+            per_token = fused(config, x, w, b, labels, mask, weights, None)[0]
             return per_token, (x, w, b, labels, mask, weights, denominator)
         scale = jnp.broadcast_to(1.0 / denominator, mask.shape).astype(accumulation_dtype(x, w))
-        per_token, dx, dw, db = _fused(config, x, w, b, labels, mask, weights, scale)
+        per_token, dx, dw, db = fused(config, x, w, b, labels, mask, weights, scale)
         return _reduce(config, per_token, denominator), (dx, dw, db)
 
     def bwd(residuals, cotangent):
         if config.reduction == "none":
             x, w, b, labels, mask, weights, _ = residuals
-            _, dx, dw, db = _fused(
+            _, dx, dw, db = fused(
                 config, x, w, b, labels, mask, weights, cotangent.astype(accumulation_dtype(x, w))
             )
         else:
@@ -303,3 +342,142 @@ def _accumulate_dw(dw: jax.Array, x_c: jax.Array, g: jax.Array) -> jax.Array:
     if num_classes % block:
         dw = update(full * block, num_classes % block, dw)
     return dw
+
+
+def vocab_parallel_linear_cross_entropy(
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
+    *,
+    mesh: Mesh,
+    axis_name: str = "vocab",
+    bias: ArrayLike | None = None,
+    reduction: Reduction = "mean",
+    where: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+) -> jax.Array:
+    r""":func:`linear_cross_entropy` with ``w`` sharded along the vocabulary over ``mesh``.
+
+    Megatron-LM's vocab-parallel scheme under ``jax.shard_map``: device :math:`k` holds
+    :math:`W_k \in \mathbb{R}^{D \times L/P}` and forms only its logits shard :math:`x W_k`.
+    Three collectives combine the softmax -- ``pmax`` of the row maxima, ``psum`` of the sums of
+    exponentials (the log-sum-exp) and ``psum`` of the target logit (found on one shard) -- plus
+    ``psum`` of :math:`\sum_c s_c` for label smoothing. The hand-derived gradient is local:
+    :math:`G_k = p_k(1 + 2z\,\mathrm{lse}) - t_k`, :math:`dW_k = x^\top G_k`, and
+    :math:`dx = \operatorname{psum}_k G_k W_k^\top`.
+
+    Integer labels only, without class ``weights`` (use :func:`linear_cross_entropy` for
+    those). ``L`` must divide evenly over the ``axis_name`` devices.
+
+    Args:
+        x: Hidden states ``[N, D]`` (replicated).
+        w: ``[D, L]``, sharded (or to be sharded) as ``P(None, axis_name)``.
+        labels: Integer labels ``[N]``.
+        mesh: The device mesh.
+        axis_name: The mesh axis that shards the vocabulary.
+        bias: Optional ``[L]``, sharded like ``w``'s columns.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        where: Boolean token mask ``[N]``.
+        ignore_index: Label value of tokens that do not count.
+        label_smoothing: As in :func:`jxent.loss_and_logits_grad`.
+        z_loss: As in :func:`jxent.loss_and_logits_grad`.
+        logit_softcap: As in :func:`jxent.loss_and_logits_grad`.
+
+    Returns:
+        The loss, scalar or ``[N]``; ``jax.grad`` gives ``dw`` sharded like ``w``.
+    """
+    if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
+        raise ValueError("vocab_parallel_linear_cross_entropy takes integer labels only")
+    shards = mesh.shape[axis_name]
+    if jnp.shape(w)[-1] % shards:
+        raise ValueError(f"L = {jnp.shape(w)[-1]} does not divide over {shards} devices")
+    args, config = _prepare(
+        x,
+        w,
+        labels,
+        bias,
+        None,
+        reduction,
+        None,
+        where,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        logit_softcap,
+    )
+    return _custom_vjp(config, ("vocab", mesh, axis_name))(*args)
+
+
+def _vocab_parallel_fused(
+    mesh: Mesh,
+    axis: str,
+    config: _Config,
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    weights: jax.Array,
+    token_scale: jax.Array | None,
+) -> tuple[jax.Array, ...]:
+    del weights  # not supported on this path (checked by the caller)
+    need_grad = token_scale is not None
+    scale = token_scale if need_grad else jnp.zeros(mask.shape, accumulation_dtype(x, w))
+    num_classes = w.shape[1]
+    eps, z, cap = config.label_smoothing, config.z_loss, config.logit_softcap
+
+    def local(x, w_k, b_k, labels, mask, scale):
+        acc = accumulation_dtype(x, w_k)
+        s = jnp.dot(x, w_k, preferred_element_type=acc) + b_k.astype(acc)[None, :]
+        if cap is not None:
+            tanh = jnp.tanh(s / cap)
+            s = cap * tanh
+        shard = w_k.shape[1]
+        row_max = lax.pmax(jnp.max(s, axis=1), axis)
+        exp = jnp.exp(s - row_max[:, None])
+        sum_exp = lax.psum(jnp.sum(exp, axis=1), axis)
+        lse = row_max + jnp.log(sum_exp)
+        offset = lax.axis_index(axis) * shard
+        local_y = labels - offset
+        here = (local_y >= 0) & (local_y < shard)
+        s_local = jnp.take_along_axis(s, jnp.clip(local_y, 0, shard - 1)[:, None], axis=1)[:, 0]
+        s_y = lax.psum(jnp.where(here, s_local, 0.0), axis)
+        loss = (1.0 - eps) * (lse - s_y)
+        if eps:
+            loss = loss + eps * (lse - lax.psum(jnp.sum(s, axis=1), axis) / num_classes)
+        if z:
+            loss = loss + z * lse**2
+        counted = mask if config.ignore_index is None else mask & (labels != config.ignore_index)
+        bad = counted & ((labels < 0) | (labels >= num_classes))
+        loss = jnp.where(bad, jnp.nan, jnp.where(counted, loss, 0.0))
+        if not need_grad:
+            return (loss,)
+        probs = exp / sum_exp[:, None]
+        is_target = here[:, None] & (
+            lax.broadcasted_iota(labels.dtype, s.shape, 1) == local_y[:, None]
+        )
+        g = probs * (1.0 + 2.0 * z * lse)[:, None] - jnp.where(is_target, 1.0 - eps, 0.0)
+        if eps:
+            g = g - eps / num_classes
+        if cap is not None:
+            g = g * (1.0 - tanh**2)
+        keep = jnp.where(counted, scale, 0.0)[:, None]
+        g = jnp.where(bad[:, None], jnp.nan, g * keep)
+        g_in = g.astype(x.dtype)
+        dx = lax.psum(jnp.dot(g_in, w_k.T, preferred_element_type=acc), axis).astype(x.dtype)
+        dw = jnp.dot(x.T, g_in, preferred_element_type=acc).astype(w_k.dtype)
+        return loss, dx, dw, jnp.sum(g, axis=0).astype(b_k.dtype)
+
+    rep, vocab = PartitionSpec(), PartitionSpec(None, axis)
+    out_specs = (rep, rep, vocab, PartitionSpec(axis)) if need_grad else (rep,)
+    run = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(rep, vocab, PartitionSpec(axis), rep, rep, rep),
+        out_specs=out_specs,
+        check_vma=False,
+    )
+    return run(x, w, b, labels, mask, scale)
