@@ -2,8 +2,8 @@
 
     python -m benchmarks.vocab VARIANT N D L DTYPE REPEATS
 
-prints one JSON line. Memory (Linux): build the inputs, compile / warm up once, then reset the
-peak counter (``echo 5 > /proc/self/clear_refs`` resets VmHWM), run once and read VmHWM. JAX variants are
+prints one JSON line. Memory (Linux): build the inputs, compile, then reset the peak counter
+(``echo 5 > /proc/self/clear_refs`` resets VmHWM), run once and read VmHWM. JAX variants are
 compiled ahead of time (``lower().compile()``) so that the measured run is the first to allocate
 buffers (XLA's allocator keeps them afterwards); torch variants are measured on their first run.
 ``above_inputs`` is that peak minus the resident set before the run (inputs, runtime, compiled

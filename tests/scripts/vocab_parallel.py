@@ -28,10 +28,7 @@ cases = {
 errors = {}
 for reduction in ("mean", "sum", "none"):
     for case, opts in cases.items():
-        if case == "plain":
-            labels = jnp.where(y < 0, 0, y)
-        else:
-            labels = y
+        labels = jnp.where(y < 0, 0, y) if case == "plain" else y
         ct = jnp.arange(1.0, N + 1.0) if reduction == "none" else 1.0
 
         def vp(x, w, b, labels=labels, opts=opts, reduction=reduction, ct=ct):
@@ -48,6 +45,8 @@ for reduction in ("mean", "sum", "none"):
         want = jax.value_and_grad(ref, argnums=(0, 1, 2))(x, w, b)
         assert got[1][1].sharding.spec == PartitionSpec(None, "vocab"), got[1][1].sharding
         rel = [abs(float(got[0] - want[0])) / abs(float(want[0]))]
-        rel += [float(jnp.max(jnp.abs(g - h)) / jnp.max(jnp.abs(h))) for g, h in zip(got[1], want[1])]
+        rel += [
+            float(jnp.max(jnp.abs(g - h)) / jnp.max(jnp.abs(h))) for g, h in zip(got[1], want[1])
+        ]
         errors[f"{reduction}-{case}"] = max(rel)
 json.dump(errors, sys.stdout)
