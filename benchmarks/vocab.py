@@ -37,6 +37,7 @@ def _reset_peak() -> None:
 def jax_variants(name: str, n: int, d: int, vocab: int, dtype: str) -> tuple[Callable, int]:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     import jxent
 
@@ -58,6 +59,16 @@ def jax_variants(name: str, n: int, d: int, vocab: int, dtype: str) -> tuple[Cal
             lambda p, _: jnp.dot(p[0], p[1], preferred_element_type=jnp.float32)
         )
         fn = jax.jit(lambda x, w: vg((x, w), None, y))
+    elif name.startswith("jxent.vocab_parallel"):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.asarray(jax.devices()), ("vocab",))
+        w = jax.device_put(w, NamedSharding(mesh, PartitionSpec(None, "vocab")))
+
+        def parallel(x, w):
+            return jxent.vocab_parallel_linear_cross_entropy(x, w, y, mesh=mesh)
+
+        fn = jax.jit(jax.value_and_grad(parallel, argnums=(0, 1)))
     elif name.startswith("jxent.linear_cross_entropy"):
         chunk = int(os.environ.get("JXENT_CHUNK", "0")) or None
 
@@ -73,7 +84,7 @@ def jax_variants(name: str, n: int, d: int, vocab: int, dtype: str) -> tuple[Cal
     def run():
         return jax.block_until_ready(compiled(x, w))
 
-    return run, 2 * (x.size * x.dtype.itemsize + w.size * w.dtype.itemsize) // 2
+    return run, x.size * x.dtype.itemsize + w.size * w.dtype.itemsize
 
 
 def torch_variants(name: str, n: int, d: int, vocab: int, dtype: str) -> tuple[Callable, int]:

@@ -126,7 +126,7 @@ def test_default_chunk_size_is_picked_from_the_shapes():
     assert _linear.default_chunk_size(2048, 65536) == 64
     assert _linear.default_chunk_size(2048, 1000) == 1024
     assert _linear.default_chunk_size(5, 1000) == 8
-    assert _linear.default_chunk_size(4096, 262144) == 16
+    assert _linear.default_chunk_size(4096, 262144) == 64
 
 
 def test_bad_inputs_raise():
