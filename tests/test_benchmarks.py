@@ -11,7 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmarks_quick_mode(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path), "--name", "q"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads((tmp_path / "q.json").read_text())
