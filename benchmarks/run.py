@@ -3,10 +3,11 @@
     python -m benchmarks [--quick] [--name NAME] [--out DIR] [--readme]
 
 Per workload and dtype, every variant is compiled (JAX: ``lower().compile()``, timed separately)
-and warmed up, then timed round-robin -- one call of each variant per round, the order rotated
-every round, ``--repeats`` rounds (>= 7) -- so machine noise hits all variants alike;
-median/min/max are reported. The
-machine's float32 matmul peak (jitted ``jnp.dot`` 2048^3) is measured in the same run and each
+and warmed up, then timed round-robin -- one call of each variant per round, in a fresh seeded
+random order every round (after a torch call the next JAX variant runs untimed for 0.1 s first:
+torch's OpenMP threads spin after a call), ``--repeats`` rounds (>= 7) -- so machine noise
+hits all variants alike; median/min/max are reported. The machine's float32 matmul peak
+(jitted ``jnp.dot`` 2048^3) is measured in the same run and each
 workload's matmul FLOP/s is reported as a fraction of it. Large-vocabulary variants run one per
 process (``benchmarks/vocab.py``) so their peak memory is their own. Results: JSON (figures,
 versions, machine), PNG plots and a Markdown table under ``benchmarks/results/``; ``--readme``
@@ -67,18 +68,34 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
-    """Round-robin timing of already-warm callables that block until their result is ready."""
+def timed(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    spinning: tuple[str, ...] = (),
+    settle_s: float = 0.1,
+) -> dict[str, dict[str, float]]:
+    """Round-robin timing of already-warm callables that block until their result is ready.
+
+    Every round calls each variant once, in a fresh seeded random order. After a variant named in
+    ``spinning`` (PyTorch: its OpenMP threads keep spinning on the 2 cores after a call, which
+    measurably slowed whatever JAX call came next by ~35 %), the next variant first runs untimed
+    for ``settle_s`` (busy, so the cores do not idle down), and only then is timed.
+    """
     times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for round_ in range(repeats):
-        # Rotate the order every round: whichever variant follows torch (whose OpenMP threads
-        # spin after a call) or a cache-flushing variant would otherwise always pay for it.
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = np.random.default_rng(0)
+    previous = None
+    for _ in range(repeats):
+        for name in map(str, order.permutation(list(fns))):
+            if previous in spinning and name not in spinning:
+                settle = time.perf_counter() + settle_s
+                while True:  # busy, untimed: keeps the cores awake while torch's threads stop
+                    fns[name]()
+                    if time.perf_counter() > settle:
+                        break
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
+            previous = name
     return {
         name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "runs": len(t)}
         for name, t in times.items()
@@ -128,7 +145,7 @@ def predictor_workload(
     if torch_run is not None:
         torch_run()
         runs["torch eager F.cross_entropy"] = torch_run
-    results = timed(runs, repeats)
+    results = timed(runs, repeats, spinning=("torch eager F.cross_entropy",))
     for variant, r in results.items():
         r["compile_s"] = compile_s.get(variant)
         r["matmul_gflops"] = flops / r["median_s"] / 1e9

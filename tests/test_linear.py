@@ -90,7 +90,7 @@ def test_value_and_all_gradients_match_materialised_and_fd(
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 8, 36, 37, 64])
-def test_chunk_sizes_and_labels_at_every_chunk_boundary(x64, key, chunk):
+def test_chunk_sizes_and_labels_at_every_chunk_boundary(x64, key, small_vocab_blocks, chunk):
     x, w, b, _, _ = inputs(key)
     # Every token's label sits on a vocabulary-block edge (0, 4, 5, 9, 10, ..., L-1).
     edges = jnp.array(sorted({0, L - 1} | {e for k in range(0, L, 5) for e in (k, k - 1)} - {-1}))
@@ -123,10 +123,11 @@ def test_all_ignored_batch_is_zero_not_nan(x64, key):
 
 
 def test_default_chunk_size_is_picked_from_the_shapes():
-    assert _linear.default_chunk_size(2048, 65536) == 64
-    assert _linear.default_chunk_size(2048, 1000) == 1024
+    assert _linear.default_chunk_size(2048, 65536) == 2048
+    assert _linear.default_chunk_size(2048, 1000) == 2048
+    assert _linear.default_chunk_size(8192, 1000) == 4096
     assert _linear.default_chunk_size(5, 1000) == 8
-    assert _linear.default_chunk_size(4096, 262144) == 64
+    assert _linear.default_chunk_size(4096, 262144) == 2048
 
 
 def test_bad_inputs_raise():
@@ -197,3 +198,18 @@ def test_vocab_parallel_rejects_what_it_does_not_support():
         jxent.vocab_parallel_linear_cross_entropy(
             jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.ones((2, 4)), mesh=mesh
         )
+
+
+@pytest.mark.parametrize("block", [1, 7, 23, 100])
+def test_vocab_block_sizes_including_ragged_and_larger_than_l(x64, key, block):
+    x, w, b, y, _ = inputs(key)
+    f = lambda x, w, b: jxent.linear_cross_entropy(
+        x, w, y, bias=b, chunk_size=16, vocab_block_size=block, label_smoothing=0.1
+    )
+    loss, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, b)
+    ref_loss, ref_grads = jax.value_and_grad(
+        lambda x, w, b: reference_loss(x @ w + b[None], y, label_smoothing=0.1), argnums=(0, 1, 2)
+    )(x, w, b)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-14)

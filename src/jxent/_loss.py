@@ -155,7 +155,9 @@ def loss_and_logits_grad(
     exp = jnp.exp(shifted)
     sum_exp = jnp.sum(exp, axis=-1, keepdims=True)
     log_sum_exp = jnp.log(sum_exp)[..., 0]
-    probs = exp / sum_exp
+    # exp is recomputed rather than kept: XLA then fuses each exp into its single consumer (the
+    # sum, the gradient), which saves writing and re-reading an [.., L] buffer.
+    probs = jnp.exp(shifted - log_sum_exp[..., None])
     lse = shift[..., 0] + log_sum_exp
 
     counted = jnp.ones(batch_shape, bool) if where is None else where
