@@ -374,12 +374,12 @@ def plots(res: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, under a minute")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 9)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15)")
     parser.add_argument("--name", default=None, help="result name (default: backend-cores)")
     parser.add_argument("--out", default=str(ROOT / "results"), help="output folder")
     parser.add_argument("--readme", action="store_true", help="splice the table into README.md")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 9)
+    repeats = args.repeats or (3 if args.quick else 15)
     res = run_all(args.quick, repeats)
     name = args.name or f"{jax.default_backend()}-{os.cpu_count()}cores" + (
         "-quick" if args.quick else ""
