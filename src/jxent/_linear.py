@@ -200,15 +200,14 @@ def _prepare(
         logit_softcap=logit_softcap,
     )
     acc = accumulation_dtype(x, w)
-    counted = jnp.ones((num_tokens,), bool) if where is None else where
-    normaliser = jnp.ones((num_tokens,), acc)
+    mask = jnp.ones((num_tokens,), bool) if where is None else where
+    counted, normaliser = mask, jnp.ones((num_tokens,), acc)
     if not soft:
         _validate.check_label_range(labels, num_classes, ignore_index, where)
-        if ignore_index is not None:
-            counted = counted & (labels != ignore_index)
-        if weights is not None:
-            in_range = (labels >= 0) & (labels < num_classes)
-            normaliser = jnp.take(weights.astype(acc), jnp.where(in_range, labels, 0))
+        class_weights = None if weights is None else weights.astype(acc)
+        counted, _, _, normaliser = _integer_targets(
+            labels, mask, class_weights, ignore_index, num_classes, acc
+        )
     denominator = (
         mean_denominator(counted, normaliser) if reduction == "mean" else jnp.ones((), acc)
     )
@@ -225,8 +224,25 @@ def _prepare(
     )
     if weights is None:
         weights = jnp.ones((num_classes,), acc)
-    mask = jnp.ones((num_tokens,), bool) if where is None else where
     return (x, w, bias, labels, mask, weights, denominator), config
+
+
+def _integer_targets(
+    labels: jax.Array,
+    mask: jax.Array,
+    class_weights: jax.Array | None,
+    ignore_index: int | None,
+    num_classes: int,
+    acc: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per token: counted, bad (counted but out of range), clipped label, target class weight."""
+    counted = mask if ignore_index is None else mask & (labels != ignore_index)
+    in_range = (labels >= 0) & (labels < num_classes)
+    clipped = jnp.where(in_range, labels, 0)
+    target_weight = jnp.ones(labels.shape, acc)
+    if class_weights is not None:
+        target_weight = jnp.take(class_weights, clipped)
+    return counted, counted & ~in_range, clipped, target_weight
 
 
 def accumulation_dtype(x: jax.Array, w: jax.Array) -> Any:
@@ -330,16 +346,12 @@ def _fused(
 
     counted, bad, hard = mask, jnp.zeros(mask.shape, bool), None
     if not soft:
-        if config.ignore_index is not None:
-            counted = counted & (labels != config.ignore_index)
-        in_range = (labels >= 0) & (labels < num_classes)
-        bad = counted & ~in_range
+        counted, bad, clipped, target_weight = _integer_targets(
+            labels, mask, class_weights, config.ignore_index, num_classes, acc
+        )
         if _checked.enabled():
             _checked.check_labels(bad, labels, num_classes)
-        labels = jnp.where(in_range, labels, 0)
-        hard = jnp.full(mask.shape, 1.0 - eps, acc)  # the target class's weight in t
-        if class_weights is not None:
-            hard = hard * jnp.take(class_weights, labels)
+        labels, hard = clipped, (1.0 - eps) * target_weight  # the target class's weight in t
     scale = token_scale if need_grad else jnp.zeros((num_tokens,), acc)
     per_token = (labels, counted, bad, scale) + (() if soft else (hard,))
     xs = (split(x, 0), *(split(a, 0) for a in per_token))
@@ -533,8 +545,9 @@ def _vocab_parallel_fused(
             loss = loss + eps * (lse - lax.psum(jnp.sum(s, axis=1), axis) / num_classes)
         if z:
             loss = loss + z * lse**2
-        counted = mask if config.ignore_index is None else mask & (labels != config.ignore_index)
-        bad = counted & ((labels < 0) | (labels >= num_classes))
+        counted, bad, _, _ = _integer_targets(
+            labels, mask, None, config.ignore_index, num_classes, acc
+        )
         loss = jnp.where(bad, jnp.nan, jnp.where(counted, loss, 0.0))
         if not need_grad:
             return (loss,)
