@@ -39,17 +39,20 @@ def reference_loss(
     t = ((1 - label_smoothing) * q + label_smoothing / num_classes) * w.reshape(
         (1,) * (q.ndim - 1) + w.shape
     )
-    per_example = -jnp.sum(t * log_p, axis=-1)
-    if z_loss:
-        per_example = per_example + z_loss * jax.nn.logsumexp(logits, axis=-1) ** 2
-    per_example = jnp.where(mask, per_example, 0.0)
+    ce = jnp.where(mask, -jnp.sum(t * log_p, axis=-1), 0.0)
+    z_term = jnp.where(mask, z_loss * jax.nn.logsumexp(logits, axis=-1) ** 2, 0.0)
     if reduction == "none":
-        return per_example
+        return ce + z_term
     if reduction == "sum":
-        return jnp.sum(per_example)
-    norm = w[safe] if (hard and weights is not None) else jnp.ones_like(per_example)
+        return jnp.sum(ce) + jnp.sum(z_term)
+    # Weighted mean of the cross-entropy (PyTorch) plus z times the mean of lse^2 over counted
+    # examples (Liger Kernel's CrossEntropyWithZLoss).
+    norm = w[safe] if (hard and weights is not None) else jnp.ones_like(ce)
     denominator = jnp.sum(jnp.where(mask, norm, 0.0))
-    return jnp.sum(per_example) / jnp.where(denominator == 0, 1.0, denominator)
+    count = jnp.sum(mask)
+    return jnp.sum(ce) / jnp.where(denominator == 0, 1.0, denominator) + jnp.sum(z_term) / (
+        jnp.where(count == 0, 1, count)
+    )
 
 
 def scalar(loss_fn, reduction):

@@ -1,45 +1,49 @@
 r"""Linear + softmax cross-entropy that never materialises the ``[tokens, vocab]`` logits.
 
-For a language-model head :math:`z = x W + b` with :math:`x \in \mathbb{R}^{N\times D}`,
-:math:`W \in \mathbb{R}^{D\times L}`, the hand-derived logits gradient :math:`G = \partial J /
-\partial z` (rows :math:`p_i - \operatorname{onehot}(y_i)`, or the full option formula) gives
+For a language-model head :math:`z = x W + b` (:math:`x \in \mathbb{R}^{N\times D}`,
+:math:`W \in \mathbb{R}^{D\times L}`) the hand-derived logits gradient :math:`G` gives
 
 .. math::
 
     \frac{\partial J}{\partial x} = G W^\top, \qquad \frac{\partial J}{\partial W} = x^\top G,
     \qquad \frac{\partial J}{\partial b} = \textstyle\sum_i G_i,
 
-and each row of :math:`G` needs only its own row of logits and its log-sum-exp. So the tokens
-go in chunks of ``chunk_size`` and, within a chunk, the vocabulary in blocks of
-``vocab_block_size`` columns, in two passes. Pass A forms each block's logits and folds them
-into every token's running max, sum of exponentials and target statistics (the online softmax):
-the log-sum-exp and the loss, no logits kept. Pass B forms each block's logits again, its rows
-of :math:`G = p \cdot (\textstyle\sum_l t_l + 2z\,\mathrm{lse}) - t` from the known log-sum-exp,
-and at once :math:`dx \mathrel{+}= G_b W_b^\top`, :math:`dW_b \mathrel{+}= x^\top G_b` (in
-place). That is :math:`8NDL` FLOPs against the materialised :math:`6NDL`, but every matmul has
-a large inner dimension and every buffer is ``[chunk, block]``: measured on 2 CPU cores
-(N=2048, D=512, L=65536) it is faster than materialising the logits, where one-pass token
-chunks of 64 rows (:math:`6NDL`, Liger's layout) were 1.1-1.15x slower, bound by re-reading
-all of :math:`W` for every 64 tokens. For ``"mean"``/``"sum"`` the gradients are formed in
-the forward pass and scaled by the incoming cotangent; for ``"none"`` the forward pass runs
-pass A only and the backward pass recomputes with the per-token cotangent (exact gradients
-for every reduction).
+and each row of :math:`G` needs only its own logits and log-sum-exp. This module is a schedule
+over the row kernel (``_kernel``): tokens go in chunks (a ``lax.scan``) and, within a chunk,
+the vocabulary in blocks, twice. Pass A folds each block's :func:`_kernel.block_stats` into the
+running statistics with :func:`_kernel.merge` (the online softmax): the log-sum-exp and the loss.
+Pass B forms each block's logits again and its rows of :math:`G` (:func:`_kernel.grad_block`),
+then :math:`dx \mathrel{+}= G_b W_b^\top`, :math:`dW_b \mathrel{+}= x^\top G_b` in place. That is
+:math:`8NDL` FLOPs against the materialised :math:`6NDL`, but every matmul has a long inner
+dimension and every buffer is ``[chunk, block]``. The vocab-parallel loss runs the same scan on
+each vocabulary shard and merges the shards' statistics with ``pmax``/``psum``.
+
+The derivative is a ``jax.custom_jvp`` (so forward mode, ``jax.hessian`` and ``jax.linearize``
+work). For ``"mean"``/``"sum"`` its rule runs pass B in the forward computation and the tangent
+is :math:`\langle dx, \dot x\rangle + \langle dW, \dot W\rangle + \langle db, \dot b\rangle`
+(plus the label terms), which transposes to exactly today's gradients. For ``"none"`` the rule
+contracts each block's :math:`G_b` with :math:`\dot z_b = \dot x W_b + x \dot W_b + \dot b_b`
+row by row; that map is linear, JAX transposes it for reverse mode, and ``jax.checkpoint``
+makes the transpose recompute :math:`G_b` instead of storing it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
-from jxent import _checked, _validate
-from jxent._loss import Reduction, mean_denominator
+from jxent import _kernel, _options, _validate
+from jxent._kernel import Rows
+from jxent._loss import Reduction
+from jxent._options import Arrays, Config
 
 # A [chunk, vocab_block] float32 buffer is kept near this many elements (16 MiB).
 _CHUNK_ELEMENTS = 2**22
@@ -61,15 +65,401 @@ def default_chunk_size(num_tokens: int, num_classes: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
-    reduction: str
+class _Schedule:
     chunk: int
-    vocab_block: int
-    ignore_index: int | None
-    label_smoothing: float
-    z_loss: float
-    logit_softcap: float | None
-    has_weights: bool
+    block: int
+    axis_name: str | None = None  # the mesh axis that shards the vocabulary, if any
+    mesh: Mesh | None = None
+
+
+class _Args(NamedTuple):
+    """The custom_jvp's arguments, in order."""
+
+    x: jax.Array
+    w: jax.Array
+    b: jax.Array
+    labels: jax.Array
+    counted: jax.Array
+    bad: jax.Array
+    weights: jax.Array
+    eps: jax.Array
+    z: jax.Array
+
+
+def accumulation_dtype(x: jax.Array, w: jax.Array) -> Any:
+    """float32 for bf16/fp16/fp32 inputs, float64 for float64 ones."""
+    return jnp.promote_types(jnp.promote_types(x.dtype, w.dtype), jnp.float32)
+
+
+def _prepare(
+    function: str,
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
+    bias: ArrayLike | None,
+    where: ArrayLike | None,
+    options: dict[str, Any],
+) -> tuple[Config, _Args]:
+    """Validates the arguments; returns the static config and the custom_jvp's arguments."""
+    _options.check_option_names(options, function)
+    if "axis" in options:
+        raise TypeError(f"{function}() has no axis option: classes are w's columns")
+    x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
+    num_tokens, num_classes = _check_shapes(x, w, bias)
+    layout = _validate.Layout((0, 1), (num_tokens,), (num_classes,))
+    soft = _validate.check_labels((num_tokens, num_classes), labels, layout)
+    row_mask, class_mask = _validate.check_where(where, (num_tokens, num_classes), layout)
+    if class_mask is not None:
+        raise ValueError(
+            f"{function}: where must be a token mask of shape ({num_tokens},); a per-logit mask "
+            f"needs the logits, which this loss never forms (use softmax_cross_entropy)"
+        )
+    acc = accumulation_dtype(x, w)
+    config, arrays = _options.prepare(
+        batch_shape=(num_tokens,),
+        num_classes=num_classes,
+        soft=soft,
+        compute_dtype=acc,
+        reduction=options.pop("reduction", "mean"),
+        **{k: options.get(k, d) for k, d in _DEFAULTS.items()},
+    )
+    if row_mask is None:
+        row_mask = jnp.ones((num_tokens,), bool)
+    if soft:
+        rows = Rows(labels, row_mask, jnp.zeros((num_tokens,), bool))
+    else:
+        _validate.check_label_range(labels, num_classes, config.ignore_index, row_mask)
+        rows = _kernel.integer_rows(config, labels, row_mask)
+    rows = rows._replace(bad=rows.bad | _options.bad_option(config, arrays))
+    b = jnp.zeros((num_classes,), w.dtype) if bias is None else jnp.asarray(bias)
+    return config, _Args(x, w, b, *rows, *arrays)
+
+
+_DEFAULTS = {
+    "weights": None,
+    "ignore_index": None,
+    "label_smoothing": 0.0,
+    "z_loss": 0.0,
+    "logit_softcap": None,
+}
+
+
+def _check_shapes(x: jax.Array, w: jax.Array, bias: ArrayLike | None) -> tuple[int, int]:
+    for name, a in (("x", x), ("w", w)):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise TypeError(f"{name} must have a floating dtype, found {a.dtype}")
+        if a.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, found shape {a.shape}")
+    if x.shape[1] != w.shape[0]:
+        raise ValueError(f"x is [N, D] = {x.shape} but w is [D, L] = {w.shape}: D differs")
+    if w.shape[1] == 0:
+        raise ValueError(f"w must have at least one class (column), found shape {w.shape}")
+    if bias is not None and jnp.shape(bias) != (w.shape[1],):
+        raise ValueError(f"bias must have shape ({w.shape[1]},), found {jnp.shape(bias)}")
+    return x.shape[0], w.shape[1]
+
+
+def _zero(t: Any) -> bool:
+    return t is None or isinstance(t, SymbolicZero)
+
+
+class _Want(NamedTuple):
+    """Which outputs pass B must produce (static)."""
+
+    x: bool = False
+    w: bool = False
+    b: bool = False
+    labels: bool = False
+    weights: bool = False
+    eps: bool = False
+
+
+def _scan(
+    config: Config,
+    sched: _Schedule,
+    args: _Args,
+    a: jax.Array,
+    b_scale: jax.Array,
+    want: _Want,
+    dots: _Args | None = None,
+) -> dict[str, jax.Array]:
+    """Per-token losses and what ``want`` asks for, or (``dots``) the per-token tangent.
+
+    Runs on one device, or on one vocabulary shard inside ``shard_map`` (``sched.axis_name``):
+    then ``w``, ``b``, the class weights and probability labels are the local shard, and the
+    statistics of each chunk are merged across shards before pass B.
+    """
+    x, w = args.x, args.w
+    if dots is not None:
+        dots = _dots_values(dots)
+        if not config.soft:
+            dots = dots._replace(labels=None)
+    num_tokens, dim = x.shape
+    local_classes = w.shape[1]
+    acc = accumulation_dtype(x, w)
+    arrays = Arrays(args.weights, args.eps, args.z)
+    chunk = sched.chunk
+    chunks = -(-num_tokens // chunk)
+    pad = chunks * chunk - num_tokens
+    block = min(sched.block, local_classes)
+    full_blocks, rest = divmod(local_classes, block)
+    offset = 0
+    if sched.axis_name is not None:
+        offset = lax.axis_index(sched.axis_name) * local_classes
+
+    def split(v: jax.Array) -> jax.Array:
+        v = jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
+        return v.reshape((chunks, chunk, *v.shape[1:]))
+
+    per_token = {"x": x, "labels": args.labels, "counted": args.counted, "bad": args.bad}
+    per_token |= {"a": a, "b_scale": b_scale}
+    if dots is not None:
+        per_token |= {"x_dot": dots.x, "q_dot": dots.labels}
+    per_token = {k: split(v) for k, v in per_token.items() if v is not None}
+
+    def logits_block(c: dict, rows: Rows, start: Any, size: int, dot: bool = False) -> tuple:
+        """Block ``[start, start + size)`` (local columns): s, ds/dx, target, and z's tangent."""
+        w_b = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+        z = jnp.dot(c["x"], w_b, preferred_element_type=acc)
+        z = z + lax.dynamic_slice_in_dim(args.b, start, size).astype(acc)[None, :]
+        s, ds = _kernel.cap(config, z)
+        local = Arrays(lax.dynamic_slice_in_dim(args.weights, start, size), args.eps, args.z)
+        target = _target(rows, local, s, start, size)
+        z_dot = None
+        if dot:
+            z_dot = jnp.zeros(z.shape, acc)
+            if not _zero(dots.x):
+                z_dot = z_dot + jnp.dot(c["x_dot"], w_b, preferred_element_type=acc)
+            if not _zero(dots.w):
+                w_dot = lax.dynamic_slice_in_dim(dots.w, start, size, axis=1)
+                z_dot = z_dot + jnp.dot(c["x"], w_dot, preferred_element_type=acc)
+            if not _zero(dots.b):
+                z_dot = z_dot + lax.dynamic_slice_in_dim(dots.b, start, size).astype(acc)
+        return w_b, s, ds, target, local, z_dot
+
+    def _target(rows: Rows, local: Arrays, s: jax.Array, start: Any, size: int) -> Any:
+        # Labels and class weights are sliced locally, integer labels compared globally.
+        if config.soft:
+            q = lax.dynamic_slice_in_dim(rows.labels, start, size, axis=1)
+            return _kernel.target_block(config, rows._replace(labels=q), local, s, 0)
+        shifted = rows._replace(labels=rows.labels - offset - start)
+        return _kernel.target_block(config, shifted, local, s, 0)
+
+    def over_blocks(step: Any, carry: Any) -> Any:
+        carry = lax.fori_loop(0, full_blocks, lambda j, c: step(c, j * block, block), carry)
+        return step(carry, full_blocks * block, rest) if rest else carry
+
+    def body(carry: tuple, c: dict) -> tuple:
+        rows = Rows(c["labels"], c["counted"], c["bad"])
+
+        def stats(st: _kernel.Stats, start: Any, size: int) -> _kernel.Stats:
+            _, s, _, target, _, _ = logits_block(c, rows, start, size)
+            return _kernel.merge(st, _kernel.block_stats(s, target.t))
+
+        zeros = jnp.zeros((chunk,), acc)
+        st = over_blocks(stats, _kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros))
+        if sched.axis_name is not None:
+            st = _merge_shards(st, sched.axis_name)
+        lse, ce, empty = _kernel.finish(st)
+        rows = rows._replace(bad=rows.bad | (rows.counted & empty))
+        loss = _kernel.row_losses(config, rows, arrays, ce, lse, c["a"], c["b_scale"])
+        out = {"loss": loss, "ce": jnp.where(rows.counted, ce, 0.0), "lse": lse}
+        if dots is not None:
+            out["tangent"] = over_blocks(
+                lambda t, start, size: t + _tangent_block(c, rows, st, lse, start, size),
+                jnp.zeros((chunk,), acc),
+            )
+            return carry, out
+        if not any(want):
+            return carry, out
+
+        def grads(g: dict, start: Any, size: int) -> dict:
+            w_b, s, ds, target, local, _ = logits_block(c, rows, start, size)
+            grad = _kernel.grad_block(
+                config, rows, local, s, ds, target, st.tsum, lse, c["a"], c["b_scale"]
+            )
+            g = dict(g)
+            g_in = grad.astype(x.dtype)
+            if want.x:
+                g["dx"] = g["dx"] + jnp.dot(g_in, w_b.T, preferred_element_type=acc)
+            if want.w:
+                upd = lax.dynamic_slice_in_dim(g["dw"], start, size, axis=1)
+                upd = upd + jnp.dot(c["x"].T, g_in, preferred_element_type=acc)
+                g["dw"] = lax.dynamic_update_slice_in_dim(g["dw"], upd, start, axis=1)
+            if want.b:
+                upd = lax.dynamic_slice_in_dim(g["db"], start, size) + jnp.sum(grad, axis=0)
+                g["db"] = lax.dynamic_update_slice_in_dim(g["db"], upd, start, axis=0)
+            if want.labels or want.weights or want.eps:
+                coef = _kernel.label_coefficients(config, rows, local, s, target, lse, c["a"])
+                if want.labels:
+                    g["dq"] = lax.dynamic_update_slice_in_dim(g["dq"], coef.labels, start, 1)
+                if want.weights:
+                    upd = lax.dynamic_slice_in_dim(g["dweights"], start, size)
+                    upd = upd + jnp.sum(coef.weights, axis=0)
+                    g["dweights"] = lax.dynamic_update_slice_in_dim(g["dweights"], upd, start, 0)
+                if want.eps:
+                    g["deps"] = g["deps"] + jnp.sum(coef.smoothing)
+            return g
+
+        init = {"dx": jnp.zeros((chunk, dim), acc) if want.x else None}
+        init |= {"dq": jnp.zeros((chunk, local_classes), acc) if want.labels else None}
+        init |= {k: v for k, v in carry.items()}
+        g = over_blocks(grads, init)
+        out |= {k: g[k] for k in ("dx", "dq") if g[k] is not None}
+        return {k: g[k] for k in carry}, out
+
+    def _tangent_block(c: dict, rows: Rows, st: Any, lse: Any, start: Any, size: int) -> Any:
+        # Checkpointed: reverse mode recomputes G_b instead of keeping an [N, L] residual.
+        def contract(x_c, x_dot_c, q_dot_c, lse, start):
+            cc = dict(c, x=x_c, x_dot=x_dot_c, q_dot=q_dot_c)
+            _, s, ds, target, local, z_dot = logits_block(cc, rows, start, size, dot=True)
+            grad = _kernel.grad_block(
+                config, rows, local, s, ds, target, st.tsum, lse, c["a"], c["b_scale"]
+            )
+            out = jnp.sum(grad * z_dot, axis=1)
+            coef = None
+            if not (_zero(dots.labels) and _zero(dots.weights) and _zero(dots.eps)):
+                coef = _kernel.label_coefficients(config, rows, local, s, target, lse, c["a"])
+            if config.soft and not _zero(dots.labels):
+                q_dot_b = lax.dynamic_slice_in_dim(q_dot_c, start, size, axis=1)
+                out = out + jnp.sum(coef.labels * q_dot_b, axis=1)
+            if not _zero(dots.weights):
+                w_dot = lax.dynamic_slice_in_dim(dots.weights, start, size)
+                out = out + jnp.sum(coef.weights * w_dot[None, :], axis=1)
+            if not _zero(dots.eps):
+                out = out + jnp.sum(coef.smoothing, axis=1) * dots.eps
+            return out
+
+        return jax.checkpoint(contract)(c["x"], c.get("x_dot"), c.get("q_dot"), lse, start)
+
+    carry = {}
+    if want.w:
+        carry["dw"] = jnp.zeros((dim, local_classes), acc)
+    if want.b:
+        carry["db"] = jnp.zeros((local_classes,), acc)
+    if want.weights:
+        carry["dweights"] = jnp.zeros((local_classes,), acc)
+    if want.eps:
+        carry["deps"] = jnp.zeros((), acc)
+    carry, outs = lax.scan(body, carry, per_token)
+    result = {k: v.reshape(-1, *v.shape[2:])[:num_tokens] for k, v in outs.items()}
+    return result | carry
+
+
+def _merge_shards(stats: _kernel.Stats, axis_name: str) -> _kernel.Stats:
+    """:func:`_kernel.merge` across the vocabulary shards: ``pmax`` of the max, ``psum`` else."""
+    m = lax.pmax(stats.m, axis_name)
+    local = _kernel.rebase(stats, m)
+    return _kernel.Stats(m, *(lax.psum(v, axis_name) for v in local[1:]))
+
+
+@functools.lru_cache(maxsize=64)
+def _loss_fn(config: Config, sched: _Schedule) -> Any:
+    """The loss for one static config and schedule, as a custom_jvp over the chunked scan."""
+    run = _runner(config, sched)
+
+    @jax.custom_jvp
+    def loss_fn(*args):
+        args = _Args(*args)
+        a, b_scale, _ = _kernel.row_scales(config, Rows(*args[3:6]), args.weights)
+        return _reduce(config, run(args, a, b_scale, _Want())["loss"])
+
+    def loss_jvp(primals, tangents):
+        args, dots = _Args(*primals), _Args(*tangents)
+        rows = Rows(args.labels, args.counted, args.bad)
+        a, b_scale, n = _kernel.row_scales(config, rows, args.weights)
+        if config.reduction == "none":
+            out = run(args, a, b_scale, _Want(), dots)
+            tangent = out["tangent"]
+        else:
+            want = _Want(
+                *(not _zero(t) for t in (dots.x, dots.w, dots.b)),
+                config.soft and not _zero(dots.labels),
+                not _zero(dots.weights),
+                not _zero(dots.eps),
+            )
+            out = run(args, a, b_scale, want)
+            tangent = jnp.zeros((), out["loss"].dtype)
+            for key, dot in (
+                ("dx", dots.x),
+                ("dw", dots.w),
+                ("db", dots.b),
+                ("dq", dots.labels),
+                ("dweights", dots.weights),
+                ("deps", dots.eps),
+            ):
+                if key in out:
+                    tangent = tangent + jnp.sum(out[key] * dot.astype(out[key].dtype))
+            if want.weights:
+                d_w = _kernel.weights_denominator_grad(
+                    config, rows, jnp.sum(a * out["ce"]), _kernel.denominator(rows.counted, n)
+                )
+                if d_w is not None:
+                    tangent = tangent + jnp.sum(d_w * dots.weights)
+        if not _zero(dots.z):
+            lse = _kernel.safe_lse(rows, out["lse"])
+            z_term = jnp.where(rows.counted, b_scale * lse**2, 0.0) * dots.z
+            tangent = tangent + (z_term if config.reduction == "none" else jnp.sum(z_term))
+        tangent = jnp.where(
+            args.bad if config.reduction == "none" else jnp.any(args.bad), jnp.nan, tangent
+        )
+        return _reduce(config, out["loss"]), tangent.astype(out["loss"].dtype)
+
+    loss_fn.defjvp(loss_jvp, symbolic_zeros=True)
+    return loss_fn
+
+
+def _reduce(config: Config, per_token: jax.Array) -> jax.Array:
+    return per_token if config.reduction == "none" else jnp.sum(per_token)
+
+
+def _runner(config: Config, sched: _Schedule) -> Any:
+    """``_scan`` on one device, or under ``shard_map`` over the vocabulary shards."""
+    if sched.axis_name is None:
+        return functools.partial(_scan, config, sched)
+    rep, cols, vec = PartitionSpec(), PartitionSpec(None, sched.axis_name), PartitionSpec(
+        sched.axis_name
+    )
+    label_spec = cols if config.soft else rep
+
+    def run(args: _Args, a: jax.Array, b_scale: jax.Array, want: _Want, dots: Any = None):
+        in_args = _Args(rep, cols, vec, label_spec, rep, rep, vec, rep, rep)
+        specs = {"loss": rep, "ce": rep, "lse": rep, "tangent": rep, "dx": rep, "dw": cols}
+        specs |= {"db": vec, "dq": cols, "dweights": vec, "deps": rep}
+
+        def local(args, a, b_scale, dots):
+            if dots is not None:
+                dots = _Args(**{k: dots.get(k) for k in _Args._fields})
+            out = _scan(config, sched, args, a, b_scale, want, dots)
+            for k in ("tangent", "dx", "deps"):
+                if k in out:
+                    out[k] = lax.psum(out[k], sched.axis_name)
+            return out
+
+        keys = _output_keys(config, want, dots is not None)
+        dots_values = None if dots is None else _dots_values(dots)._asdict()
+        dots_values = dots_values and {k: v for k, v in dots_values.items() if v is not None}
+        dots_spec = dots_values and {k: getattr(in_args, k) for k in dots_values}
+        mapped = jax.shard_map(
+            local,
+            mesh=sched.mesh,
+            in_specs=(in_args, rep, rep, dots_spec),
+            out_specs={k: specs[k] for k in keys},
+            check_vma=False,
+        )
+        return mapped(args, a, b_scale, dots_values)
+
+    return run
+
+
+def _output_keys(config: Config, want: _Want, tangent: bool) -> list[str]:
+    keys = ["loss", "ce", "lse"] + (["tangent"] if tangent else [])
+    names = ("dx", "dw", "db", "dq", "dweights", "deps")
+    return keys + [k for k, on in zip(names, want, strict=True) if on]
+
+
+def _dots_values(dots: _Args) -> _Args:
+    return _Args(*(None if _zero(d) else d for d in dots))
 
 
 def linear_cross_entropy(
@@ -84,8 +474,8 @@ def linear_cross_entropy(
     weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
     ignore_index: int | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
     logit_softcap: float | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of :math:`\operatorname{softmax}(x W + b)`, chunked over tokens.
@@ -146,296 +536,22 @@ def linear_cross_entropy(
         Liger Kernel fused linear cross-entropy; Wijmans et al. 2024, "Cut Your Losses in
         Large-Vocabulary Language Models"; PyTorch ``F.linear_cross_entropy``.
     """
-    args, config = _prepare(
-        x,
-        w,
-        labels,
-        bias,
-        chunk_size,
-        vocab_block_size,
-        reduction,
-        weights,
-        where,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        logit_softcap,
+    options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
+    options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
+    options |= {"logit_softcap": logit_softcap}
+    config, args = _prepare("linear_cross_entropy", x, w, labels, bias, where, options)
+    sched = _Schedule(
+        chunk=chunk_size or default_chunk_size(args.x.shape[0], config.num_classes),
+        block=vocab_block_size or _VOCAB_BLOCK,
     )
-    return _custom_vjp(config)(*args)
+    _check_schedule(sched)
+    return _loss_fn(config, sched)(*args)
 
 
-def _prepare(
-    x: ArrayLike,
-    w: ArrayLike,
-    labels: ArrayLike,
-    bias: ArrayLike | None,
-    chunk_size: int | None,
-    vocab_block_size: int | None,
-    reduction: str,
-    weights: ArrayLike | None,
-    where: ArrayLike | None,
-    ignore_index: int | None,
-    label_smoothing: float,
-    z_loss: float,
-    logit_softcap: float | None,
-) -> tuple[tuple[jax.Array, ...], _Config]:
-    """Validates the arguments; returns the custom_vjp's array arguments and static config."""
-    x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
-    num_tokens, num_classes = _check_shapes(x, w, bias)
-    soft = _validate.check_labels(
-        jax.ShapeDtypeStruct((num_tokens, num_classes), x.dtype), labels, 1
-    )
-    weights = None if weights is None else jnp.asarray(weights)
-    where = None if where is None else jnp.asarray(where)
-    _validate.check_options(
-        batch_shape=(num_tokens,),
-        num_classes=num_classes,
-        soft=soft,
-        reduction=reduction,
-        weights=weights,
-        where=where,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-    )
-    acc = accumulation_dtype(x, w)
-    mask = jnp.ones((num_tokens,), bool) if where is None else where
-    counted, normaliser = mask, jnp.ones((num_tokens,), acc)
-    if not soft:
-        _validate.check_label_range(labels, num_classes, ignore_index, where)
-        class_weights = None if weights is None else weights.astype(acc)
-        counted, _, _, normaliser = _integer_targets(
-            labels, mask, class_weights, ignore_index, num_classes, acc
-        )
-    denominator = (
-        mean_denominator(counted, normaliser) if reduction == "mean" else jnp.ones((), acc)
-    )
-    bias = jnp.zeros((num_classes,), w.dtype) if bias is None else jnp.asarray(bias)
-    config = _Config(
-        reduction=reduction,
-        chunk=chunk_size or default_chunk_size(num_tokens, num_classes),
-        vocab_block=vocab_block_size or _VOCAB_BLOCK,
-        ignore_index=ignore_index,
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        logit_softcap=None if logit_softcap is None else float(logit_softcap),
-        has_weights=weights is not None,
-    )
-    if weights is None:
-        weights = jnp.ones((num_classes,), acc)
-    return (x, w, bias, labels, mask, weights, denominator), config
-
-
-def _integer_targets(
-    labels: jax.Array,
-    mask: jax.Array,
-    class_weights: jax.Array | None,
-    ignore_index: int | None,
-    num_classes: int,
-    acc: Any,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Per token: counted, bad (counted but out of range), clipped label, target class weight."""
-    counted = mask if ignore_index is None else mask & (labels != ignore_index)
-    in_range = (labels >= 0) & (labels < num_classes)
-    clipped = jnp.where(in_range, labels, 0)
-    target_weight = jnp.ones(labels.shape, acc)
-    if class_weights is not None:
-        target_weight = jnp.take(class_weights, clipped)
-    return counted, counted & ~in_range, clipped, target_weight
-
-
-def accumulation_dtype(x: jax.Array, w: jax.Array) -> Any:
-    """float32 for bf16/fp16/fp32 inputs, float64 for float64 ones."""
-    return jnp.promote_types(jnp.promote_types(x.dtype, w.dtype), jnp.float32)
-
-
-def _check_shapes(x: jax.Array, w: jax.Array, bias: ArrayLike | None) -> tuple[int, int]:
-    for name, a in (("x", x), ("w", w)):
-        if not jnp.issubdtype(a.dtype, jnp.floating):
-            raise TypeError(f"{name} must have a floating dtype, found {a.dtype}")
-        if a.ndim != 2:
-            raise ValueError(f"{name} must be 2-D, found shape {a.shape}")
-    if x.shape[1] != w.shape[0]:
-        raise ValueError(f"x is [N, D] = {x.shape} but w is [D, L] = {w.shape}: D differs")
-    if bias is not None and jnp.shape(bias) != (w.shape[1],):
-        raise ValueError(f"bias must have shape ({w.shape[1]},), found {jnp.shape(bias)}")
-    return x.shape[0], w.shape[1]
-
-
-@functools.lru_cache(maxsize=64)
-def _custom_vjp(config: _Config, backend: tuple = ("chunked",)) -> Any:
-    """The loss as a custom_vjp over ``_fused`` (one device) or ``_vocab_parallel_fused``."""
-    if backend[0] == "chunked":
-        fused = _fused
-    else:
-        fused = functools.partial(_vocab_parallel_fused, backend[1], backend[2])
-
-    @jax.custom_vjp
-    def loss_fn(x, w, b, labels, mask, weights, denominator):
-        per_token = fused(config, x, w, b, labels, mask, weights, None)[0]
-        return _reduce(config, per_token, denominator)
-
-    def fwd(x, w, b, labels, mask, weights, denominator):
-        if config.reduction == "none":
-            per_token = fused(config, x, w, b, labels, mask, weights, None)[0]
-            return per_token, (x, w, b, labels, mask, weights, denominator)
-        scale = jnp.broadcast_to(1.0 / denominator, mask.shape).astype(accumulation_dtype(x, w))
-        per_token, dx, dw, db = fused(config, x, w, b, labels, mask, weights, scale)
-        return _reduce(config, per_token, denominator), (dx, dw, db)
-
-    def bwd(residuals, cotangent):
-        if config.reduction == "none":
-            x, w, b, labels, mask, weights, _ = residuals
-            _, dx, dw, db = fused(
-                config, x, w, b, labels, mask, weights, cotangent.astype(accumulation_dtype(x, w))
-            )
-        else:
-            dx, dw, db = (
-                (cotangent * g.astype(cotangent.dtype)).astype(g.dtype) for g in residuals
-            )
-        return dx, dw, db, None, None, None, None
-
-    loss_fn.defvjp(fwd, bwd)
-    return loss_fn
-
-
-def _reduce(config: _Config, per_token: jax.Array, denominator: jax.Array) -> jax.Array:
-    if config.reduction == "none":
-        return per_token
-    total = jnp.sum(per_token)
-    return total / denominator if config.reduction == "mean" else total
-
-
-def _fused(
-    config: _Config,
-    x: jax.Array,
-    w: jax.Array,
-    b: jax.Array,
-    labels: jax.Array,
-    mask: jax.Array,
-    weights: jax.Array,
-    token_scale: jax.Array | None,
-) -> tuple[jax.Array, ...]:
-    r"""Per-token losses and, with ``token_scale``, gradients of ``sum_i scale_i * loss_i``.
-
-    Tokens go in chunks of ``config.chunk`` (a ``lax.scan``); within a chunk the vocabulary goes
-    in blocks of ``config.vocab_block`` columns, twice: pass A carries each token's running max,
-    sum of exponentials and target statistics (online softmax) to its log-sum-exp and loss;
-    pass B recomputes each block's logits and forms its rows of :math:`G` from the now known
-    log-sum-exp, then :math:`dx \mathrel{+}= G_b W_b^\top` and :math:`dW_b \mathrel{+}= x^\top
-    G_b` (updated in place). No buffer is larger than ``[chunk, vocab_block]`` or ``[D, L]``.
-    """
-    num_tokens, dim = x.shape
-    num_classes = w.shape[1]
-    chunk = config.chunk
-    chunks = -(-num_tokens // chunk)
-    pad = chunks * chunk - num_tokens
-
-    def split(a: jax.Array, fill: Any) -> jax.Array:
-        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
-        return a.reshape((chunks, chunk, *a.shape[1:]))
-
-    acc = accumulation_dtype(x, w)
-    soft = labels.ndim == 2
-    need_grad = token_scale is not None
-    eps, z_loss, cap = config.label_smoothing, config.z_loss, config.logit_softcap
-    class_weights = weights.astype(acc) if config.has_weights else None
-    block = min(config.vocab_block, num_classes)
-    full_blocks, rest = divmod(num_classes, block)
-
-    counted, bad, hard = mask, jnp.zeros(mask.shape, bool), None
-    if not soft:
-        counted, bad, clipped, target_weight = _integer_targets(
-            labels, mask, class_weights, config.ignore_index, num_classes, acc
-        )
-        if _checked.enabled():
-            _checked.check_labels(bad, labels, num_classes)
-        labels, hard = clipped, (1.0 - eps) * target_weight  # the target class's weight in t
-    scale = token_scale if need_grad else jnp.zeros((num_tokens,), acc)
-    per_token = (labels, counted, bad, scale) + (() if soft else (hard,))
-    xs = (split(x, 0), *(split(a, 0) for a in per_token))
-
-    def block_logits(x_c: jax.Array, y_c: jax.Array, hard_c: Any, start: Any, size: int) -> tuple:
-        """Columns ``[start, start + size)``: W block, capped logits s, tanh, target t."""
-        w_b = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-        z = jnp.dot(x_c, w_b, preferred_element_type=acc)
-        z = z + lax.dynamic_slice_in_dim(b, start, size).astype(acc)[None, :]
-        tanh = None
-        if cap is not None:
-            tanh = jnp.tanh(z / cap)
-            z = cap * tanh
-        cw = None if class_weights is None else lax.dynamic_slice_in_dim(class_weights, start, size)
-        if soft:
-            t = lax.dynamic_slice_in_dim(y_c, start, size, axis=1).astype(acc)
-            t = (1.0 - eps) * t + eps / num_classes if eps else t
-            t = t if cw is None else t * cw[None, :]
-        else:
-            columns = lax.broadcasted_iota(y_c.dtype, z.shape, 1) + start
-            t = jnp.where(columns == y_c[:, None], hard_c[:, None], 0.0)
-            if eps:
-                t = t + eps / num_classes * (1.0 if cw is None else cw[None, :])
-        return w_b, z, tanh, t
-
-    def over_blocks(step: Any, carry: Any) -> Any:
-        carry = lax.fori_loop(0, full_blocks, lambda j, c: step(c, j * block, block), carry)
-        return step(carry, full_blocks * block, rest) if rest else carry
-
-    def body(carry: tuple, inputs: tuple) -> tuple:
-        x_c, y_c, counted_c, bad_c, scale_c, *hard_c = inputs
-        hard_c = hard_c[0] if hard_c else None
-
-        def stats(c: tuple, start: Any, size: int) -> tuple:
-            # Online softmax: running max m, sum of exp(s - m), sum t (s - m) and sum t.
-            m, sum_exp, t_dot_s, t_sum = c
-            _, s, _, t = block_logits(x_c, y_c, hard_c, start, size)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            sum_exp = sum_exp * jnp.exp(m - m_new) + jnp.sum(jnp.exp(s - m_new[:, None]), axis=1)
-            moved = jnp.where(t_sum == 0, 0.0, t_sum * (m - m_new))  # re-shift to the new max
-            here = jnp.sum(jnp.where(t != 0, t * (s - m_new[:, None]), 0.0), axis=1)
-            return m_new, sum_exp, t_dot_s + moved + here, t_sum + jnp.sum(t, axis=1)
-
-        zeros = jnp.zeros((chunk,), acc)
-        m, sum_exp, t_dot_s, t_sum = over_blocks(stats, (zeros - jnp.inf, zeros, zeros, zeros))
-        log_sum_exp = jnp.log(sum_exp)
-        lse = m + log_sum_exp
-        loss = t_sum * log_sum_exp - t_dot_s
-        if z_loss:
-            loss = loss + z_loss * lse**2
-        loss = jnp.where(bad_c, jnp.nan, jnp.where(counted_c, loss, 0.0))
-        if not need_grad:
-            return carry, (loss,)
-        coef = (t_sum + 2.0 * z_loss * lse)[:, None]
-        row_scale = jnp.where(counted_c, scale_c, 0.0)[:, None]
-
-        def gradients(c: tuple, start: Any, size: int) -> tuple:
-            dx_c, dw, db = c
-            w_b, s, tanh, t = block_logits(x_c, y_c, hard_c, start, size)
-            g = jnp.exp(s - lse[:, None]) * coef - t
-            if tanh is not None:
-                g = g * (1.0 - tanh**2)
-            g = jnp.where(counted_c[:, None], g * row_scale, 0.0)
-            g = jnp.where(bad_c[:, None], jnp.nan, g)
-            g_in = g.astype(x.dtype)
-            dx_c = dx_c + jnp.dot(g_in, w_b.T, preferred_element_type=acc)
-            dw_b = lax.dynamic_slice_in_dim(dw, start, size, axis=1)
-            dw_b = dw_b + jnp.dot(x_c.T, g_in, preferred_element_type=acc)
-            db_b = lax.dynamic_slice_in_dim(db, start, size) + jnp.sum(g, axis=0)
-            dw = lax.dynamic_update_slice_in_dim(dw, dw_b, start, axis=1)
-            return dx_c, dw, lax.dynamic_update_slice_in_dim(db, db_b, start, axis=0)
-
-        dx_c, dw, db = over_blocks(gradients, (jnp.zeros((chunk, dim), acc), *carry))
-        return (dw, db), (loss, dx_c.astype(x.dtype))
-
-    init = (jnp.zeros((dim, num_classes), acc), jnp.zeros((num_classes,), acc))
-    if not need_grad:
-        init = (jnp.zeros(()), jnp.zeros(()))
-    (dw, db), outs = lax.scan(body, init, xs)
-    per_token_loss = outs[0].reshape(-1)[:num_tokens]
-    if not need_grad:
-        return (per_token_loss,)
-    dx = outs[1].reshape(-1, dim)[:num_tokens]
-    return per_token_loss, dx, dw.astype(w.dtype), db.astype(b.dtype)
+def _check_schedule(sched: _Schedule) -> None:
+    for name, v in (("chunk_size", sched.chunk), ("vocab_block_size", sched.block)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, found {v!r}")
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -446,11 +562,14 @@ def vocab_parallel_linear_cross_entropy(
     mesh: Mesh,
     axis_name: str = "vocab",
     bias: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    vocab_block_size: int | None = None,
     reduction: Reduction = "mean",
+    weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
     ignore_index: int | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
     logit_softcap: float | None = None,
 ) -> jax.Array:
     r""":func:`linear_cross_entropy` with ``w`` sharded along the vocabulary over ``mesh``.
@@ -483,97 +602,25 @@ def vocab_parallel_linear_cross_entropy(
     Returns:
         The loss, scalar or ``[N]``; ``jax.grad`` gives ``dw`` sharded like ``w``.
     """
-    if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
-        raise ValueError("vocab_parallel_linear_cross_entropy takes integer labels only")
+    if axis_name not in mesh.shape:
+        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
     shards = mesh.shape[axis_name]
-    if jnp.shape(w)[-1] % shards:
-        raise ValueError(f"L = {jnp.shape(w)[-1]} does not divide over {shards} devices")
-    args, config = _prepare(
-        x,
-        w,
-        labels,
-        bias,
-        None,
-        None,
-        reduction,
-        None,
-        where,
-        ignore_index,
-        label_smoothing,
-        z_loss,
-        logit_softcap,
+    options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
+    options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
+    options |= {"logit_softcap": logit_softcap}
+    config, args = _prepare(
+        "vocab_parallel_linear_cross_entropy", x, w, labels, bias, where, options
     )
-    return _custom_vjp(config, ("vocab", mesh, axis_name))(*args)
-
-
-def _vocab_parallel_fused(
-    mesh: Mesh,
-    axis: str,
-    config: _Config,
-    x: jax.Array,
-    w: jax.Array,
-    b: jax.Array,
-    labels: jax.Array,
-    mask: jax.Array,
-    weights: jax.Array,
-    token_scale: jax.Array | None,
-) -> tuple[jax.Array, ...]:
-    del weights  # not supported on this path (checked by the caller)
-    need_grad = token_scale is not None
-    scale = token_scale if need_grad else jnp.zeros(mask.shape, accumulation_dtype(x, w))
-    num_classes = w.shape[1]
-    eps, z, cap = config.label_smoothing, config.z_loss, config.logit_softcap
-
-    def local(x, w_k, b_k, labels, mask, scale):
-        acc = accumulation_dtype(x, w_k)
-        s = jnp.dot(x, w_k, preferred_element_type=acc) + b_k.astype(acc)[None, :]
-        if cap is not None:
-            tanh = jnp.tanh(s / cap)
-            s = cap * tanh
-        shard = w_k.shape[1]
-        row_max = lax.pmax(jnp.max(s, axis=1), axis)
-        exp = jnp.exp(s - row_max[:, None])
-        sum_exp = lax.psum(jnp.sum(exp, axis=1), axis)
-        lse = row_max + jnp.log(sum_exp)
-        offset = lax.axis_index(axis) * shard
-        local_y = labels - offset
-        here = (local_y >= 0) & (local_y < shard)
-        s_local = jnp.take_along_axis(s, jnp.clip(local_y, 0, shard - 1)[:, None], axis=1)[:, 0]
-        s_y = lax.psum(jnp.where(here, s_local, 0.0), axis)
-        loss = (1.0 - eps) * (lse - s_y)
-        if eps:
-            loss = loss + eps * (lse - lax.psum(jnp.sum(s, axis=1), axis) / num_classes)
-        if z:
-            loss = loss + z * lse**2
-        counted, bad, _, _ = _integer_targets(
-            labels, mask, None, config.ignore_index, num_classes, acc
+    if config.num_classes % shards:
+        raise ValueError(
+            f"w has L = {config.num_classes} classes, which do not divide over the {shards} "
+            f"devices of mesh axis {axis_name!r}"
         )
-        loss = jnp.where(bad, jnp.nan, jnp.where(counted, loss, 0.0))
-        if not need_grad:
-            return (loss,)
-        probs = exp / sum_exp[:, None]
-        is_target = here[:, None] & (
-            lax.broadcasted_iota(labels.dtype, s.shape, 1) == local_y[:, None]
-        )
-        g = probs * (1.0 + 2.0 * z * lse)[:, None] - jnp.where(is_target, 1.0 - eps, 0.0)
-        if eps:
-            g = g - eps / num_classes
-        if cap is not None:
-            g = g * (1.0 - tanh**2)
-        keep = jnp.where(counted, scale, 0.0)[:, None]
-        g = jnp.where(bad[:, None], jnp.nan, g * keep)
-        g_in = g.astype(x.dtype)
-        dx = lax.psum(jnp.dot(g_in, w_k.T, preferred_element_type=acc), axis).astype(x.dtype)
-        dw = jnp.dot(x.T, g_in, preferred_element_type=acc).astype(w_k.dtype)
-        return loss, dx, dw, jnp.sum(g, axis=0).astype(b_k.dtype)
-
-    rep, vocab = PartitionSpec(), PartitionSpec(None, axis)
-    out_specs = (rep, rep, vocab, PartitionSpec(axis)) if need_grad else (rep,)
-    run = jax.shard_map(
-        local,
+    sched = _Schedule(
+        chunk=chunk_size or default_chunk_size(args.x.shape[0], config.num_classes // shards),
+        block=vocab_block_size or _VOCAB_BLOCK,
+        axis_name=axis_name,
         mesh=mesh,
-        in_specs=(rep, vocab, PartitionSpec(axis), rep, rep, rep),
-        out_specs=out_specs,
-        check_vma=False,
     )
-    return run(x, w, b, labels, mask, scale)
+    _check_schedule(sched)
+    return _loss_fn(config, sched)(*args)

@@ -1,44 +1,196 @@
-r"""Softmax cross-entropy: the loss and its hand-derived logits gradient from one softmax.
+r"""Softmax cross-entropy on materialised logits: one block of the row kernel, one derivative.
 
-Every entry point of jxent (the plain loss, the logits gradient, the predictor-level
-``value_and_grad``, the training step) goes through :func:`loss_and_logits_grad`. It computes one
-softmax per example and derives from it both the loss and
-
-.. math::
-
-    \frac{\partial \ell}{\partial s} = p \, \big(\textstyle\sum_c t_c + 2 z \,
-    \operatorname{lse}(s)\big) - t,
-
-where :math:`s` are the (optionally soft-capped) logits, :math:`p = \operatorname{softmax}(s)`,
-:math:`t` the effective target (one-hot or probabilities, smoothed and class-weighted) and
-:math:`z` the z-loss coefficient. ``docs/derivation.md`` derives it.
+:func:`loss_and_logits_grad` returns the loss and the hand-derived logits gradient
+:math:`G = \partial J/\partial\,\text{logits}` from one softmax (``_kernel``). The public loss
+:func:`softmax_cross_entropy` is a ``jax.custom_jvp`` whose tangent is that same :math:`G`
+contracted with the logits' tangent, plus the hand-derived terms for probability labels, class
+weights, :math:`\varepsilon` and :math:`z` (``_kernel.label_coefficients``) -- the pattern of
+``jax.nn.softmax``. So ``jax.grad`` of the loss *is* :func:`logits_grad` (by transposition),
+and ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``, ``jax.linearize`` and ``jax.vmap`` all use it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from jxent import _checked, _validate
+from jxent import _kernel, _options, _validate
+from jxent._kernel import Rows, Target
+from jxent._options import Arrays, Config
 
 Reduction = Literal["mean", "sum", "none"]
+
+
+class _Problem(NamedTuple):
+    config: Config
+    layout: _validate.Layout
+    args: tuple  # the custom_jvp's arguments, see _loss_fn
+
+
+def _prepare(
+    function: str,
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    reduction: Reduction = "mean",
+    weights: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    logit_softcap: float | None = None,
+    **unknown: Any,
+) -> _Problem:
+    """Validates every argument once; returns the static config and the kernel's arrays."""
+    _options.check_option_names(unknown, function)
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    layout = _validate.check_logits(logits, axis)
+    soft = _validate.check_labels(logits.shape, labels, layout)
+    row_mask, class_mask = _validate.check_where(where, logits.shape, layout)
+    compute = jnp.promote_types(logits.dtype, jnp.float32)
+    config, arrays = _options.prepare(
+        batch_shape=layout.batch_shape,
+        num_classes=layout.num_classes,
+        soft=soft,
+        compute_dtype=compute,
+        reduction=reduction,
+        weights=weights,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        class_mask=class_mask is not None,
+    )
+    if row_mask is None:
+        row_mask = jnp.ones((layout.num_rows,), bool)
+    x = layout.to_rows(logits).astype(compute)
+    if soft:
+        rows = Rows(layout.to_rows(labels), row_mask, jnp.zeros(row_mask.shape, bool))
+    else:
+        _validate.check_label_range(labels, layout.num_classes, ignore_index, row_mask)
+        rows = _kernel.integer_rows(config, labels.reshape(-1), row_mask)
+    rows = rows._replace(bad=rows.bad | _options.bad_option(config, arrays))
+    return _Problem(config, layout, (x, *rows, class_mask, *arrays))
+
+
+class _Forward(NamedTuple):
+    loss: jax.Array
+    grad: jax.Array | None
+    rows: Rows
+    s: jax.Array
+    target: Target
+    lse: jax.Array
+    a: jax.Array
+    b: jax.Array
+    mean_ce: jax.Array
+    normaliser_sum: jax.Array
+
+
+def _forward(
+    config: Config,
+    x: jax.Array,
+    labels: jax.Array,
+    counted: jax.Array,
+    bad: jax.Array,
+    class_mask: jax.Array | None,
+    weights: jax.Array,
+    eps: jax.Array,
+    z: jax.Array,
+    *,
+    with_grad: bool,
+) -> _Forward:
+    """The loss (reduced) and, ``with_grad``, :math:`G`, from one softmax over all classes."""
+    arrays = Arrays(weights, eps, z)
+    rows = Rows(labels, counted, bad)
+    s, ds = _kernel.cap(config, x)
+    if class_mask is not None:
+        s = jnp.where(class_mask, s, _kernel.NEG_INF)
+    target = _kernel.target_block(config, rows, arrays, s, 0)
+    stats = _kernel.block_stats(s, target.t)
+    lse, ce, empty = _kernel.finish(stats)
+    if class_mask is not None:  # every class masked: the example takes no part (optax)
+        rows = rows._replace(counted=rows.counted & ~empty)
+    rows = rows._replace(bad=rows.bad | (rows.counted & empty))  # no softmax over nothing
+    a, b, n = _kernel.row_scales(config, rows, arrays.weights)
+    per_row = _kernel.row_losses(config, rows, arrays, ce, lse, a, b)
+    loss = per_row if config.reduction == "none" else jnp.sum(per_row)
+    grad = None
+    if with_grad:
+        grad = _kernel.grad_block(config, rows, arrays, s, ds, target, stats.tsum, lse, a, b)
+    mean_ce = jnp.sum(jnp.where(rows.counted, a * ce, 0.0))
+    normaliser_sum = _kernel.denominator(rows.counted, n)
+    return _Forward(loss, grad, rows, s, target, lse, a, b, mean_ce, normaliser_sum)
+
+
+def _is_zero(tangent: Any) -> bool:
+    return tangent is None or isinstance(tangent, SymbolicZero)
+
+
+def _tangent(config: Config, fwd: _Forward, arrays: Arrays, tangents: tuple) -> jax.Array:
+    """:math:`\\langle G, \\dot x\\rangle` plus the label, weight, smoothing and z terms."""
+    x_dot, q_dot, _, _, _, w_dot, eps_dot, z_dot = tangents
+    per_row = jnp.zeros(fwd.rows.counted.shape, fwd.s.dtype)
+    if not _is_zero(x_dot):
+        per_row = per_row + jnp.sum(fwd.grad * x_dot, axis=-1)
+    label_dots = (q_dot if config.soft else None, w_dot, eps_dot)
+    if not all(_is_zero(t) for t in label_dots):
+        coef = _kernel.label_coefficients(
+            config, fwd.rows, arrays, fwd.s, fwd.target, fwd.lse, fwd.a
+        )
+        if config.soft and not _is_zero(q_dot):
+            per_row = per_row + jnp.sum(coef.labels * q_dot, axis=-1)
+        if not _is_zero(w_dot):
+            per_row = per_row + jnp.sum(coef.weights * w_dot[None, :], axis=-1)
+        if not _is_zero(eps_dot):
+            per_row = per_row + jnp.sum(coef.smoothing, axis=-1) * eps_dot
+    if not _is_zero(z_dot):
+        lse = _kernel.safe_lse(fwd.rows, fwd.lse)
+        per_row = per_row + jnp.where(fwd.rows.counted, fwd.b * lse**2, 0.0) * z_dot
+    per_row = jnp.where(fwd.rows.bad, jnp.nan, per_row)
+    if config.reduction == "none":
+        return per_row
+    total = jnp.sum(per_row)
+    if not _is_zero(w_dot):
+        d_w = _kernel.weights_denominator_grad(config, fwd.rows, fwd.mean_ce, fwd.normaliser_sum)
+        if d_w is not None:
+            total = total + jnp.sum(d_w * w_dot)
+    return total
+
+
+@functools.lru_cache(maxsize=256)
+def _loss_fn(config: Config) -> Any:
+    """The loss for one static config, as a custom_jvp built on the hand-derived gradient."""
+
+    @jax.custom_jvp
+    def loss_fn(x, labels, counted, bad, class_mask, weights, eps, z):
+        args = (x, labels, counted, bad, class_mask, weights, eps, z)
+        return _forward(config, *args, with_grad=False).loss
+
+    def loss_jvp(primals, tangents):
+        fwd = _forward(config, *primals, with_grad=not _is_zero(tangents[0]))
+        return fwd.loss, _tangent(config, fwd, Arrays(*primals[5:]), tangents)
+
+    loss_fn.defjvp(loss_jvp, symbolic_zeros=True)
+    return loss_fn
 
 
 def loss_and_logits_grad(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     reduction: Reduction = "mean",
     weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
     ignore_index: int | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
     logit_softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     r"""Softmax cross-entropy and its hand-derived gradient with respect to the logits.
@@ -113,18 +265,11 @@ def loss_and_logits_grad(
         ``softmax_cross_entropy_with_integer_labels``; Chowdhery et al. 2022 (PaLM, z-loss);
         Gemma 2 (logit soft-capping).
     """
-    logits = jnp.asarray(logits)
-    labels = jnp.asarray(labels)
-    weights = None if weights is None else jnp.asarray(weights)
-    where = None if where is None else jnp.asarray(where)
-    axis = _validate.check_logits(logits, axis)
-    soft = _validate.check_labels(logits, labels, axis)
-    num_classes = logits.shape[axis]
-    batch_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
-    _validate.check_options(
-        batch_shape=batch_shape,
-        num_classes=num_classes,
-        soft=soft,
+    problem = _prepare(
+        "loss_and_logits_grad",
+        logits,
+        labels,
+        axis=axis,
         reduction=reduction,
         weights=weights,
         where=where,
@@ -133,115 +278,18 @@ def loss_and_logits_grad(
         z_loss=z_loss,
         logit_softcap=logit_softcap,
     )
-    if not soft:
-        _validate.check_label_range(labels, num_classes, ignore_index, where)
-
-    compute_dtype = jnp.promote_types(logits.dtype, jnp.float32)
-    x = jnp.moveaxis(logits, axis, -1).astype(compute_dtype)
-    if weights is not None:
-        # Shaped [1, ..., 1, L] so it broadcasts against x without rank promotion.
-        weights = weights.astype(compute_dtype).reshape((1,) * (x.ndim - 1) + (num_classes,))
-
-    # Soft cap: s = c tanh(x / c); ds/dx = 1 - (s / c)^2 multiplies the gradient at the end.
-    if logit_softcap is not None:
-        tanh = jnp.tanh(x / logit_softcap)
-        s = logit_softcap * tanh
-    else:
-        s = x
-
-    # One softmax. The max shift is held constant for autodiff (it cancels mathematically).
-    shift = lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    shifted = s - shift
-    exp = jnp.exp(shifted)
-    sum_exp = jnp.sum(exp, axis=-1, keepdims=True)
-    log_sum_exp = jnp.log(sum_exp)[..., 0]
-    # exp is recomputed rather than kept: XLA then fuses each exp into its single consumer (the
-    # sum, the gradient), which saves writing and re-reading an [.., L] buffer.
-    probs = jnp.exp(shifted - log_sum_exp[..., None])
-    lse = shift[..., 0] + log_sum_exp
-
-    counted = jnp.ones(batch_shape, bool) if where is None else where
-    eps = float(label_smoothing)
-    if soft:
-        target = jnp.moveaxis(labels, axis, -1).astype(compute_dtype)
-        if eps:
-            target = (1.0 - eps) * target + eps / num_classes
-        if weights is not None:
-            target = target * weights
-        target_sum = jnp.sum(target, axis=-1)
-        # t * s with the convention 0 * (-inf) = 0 for classes the target never visits.
-        target_dot_s = jnp.sum(jnp.where(target != 0, target * shifted, 0.0), axis=-1)
-        normaliser = jnp.ones(batch_shape, compute_dtype)
-        bad = jnp.zeros(batch_shape, bool)
-        target_grad = target
-    else:
-        if ignore_index is not None:
-            counted = counted & (labels != ignore_index)
-        in_range = (labels >= 0) & (labels < num_classes)
-        bad = counted & ~in_range
-        if _checked.enabled():
-            _checked.check_labels(bad, labels, num_classes)
-        y = jnp.where(in_range, labels, 0)
-        s_y = jnp.take_along_axis(shifted, y[..., None], axis=-1)[..., 0]
-        normaliser = jnp.ones(batch_shape, compute_dtype)
-        if weights is not None:
-            normaliser = normaliser * jnp.take(weights.ravel(), y)
-        hard = (1.0 - eps) * normaliser  # weight of the target class in t
-        target_sum = hard
-        target_dot_s = hard * s_y
-        is_target = lax.broadcasted_iota(labels.dtype, s.shape, s.ndim - 1) == y[..., None]
-        target_grad = jnp.where(is_target, hard[..., None], 0.0)
-        if eps:
-            smooth = eps / num_classes * (1.0 if weights is None else weights)
-            target_sum = target_sum + eps * (1.0 if weights is None else jnp.mean(weights))
-            target_dot_s = target_dot_s + jnp.sum(
-                jnp.where(smooth != 0, smooth * shifted, 0.0), axis=-1
-            )
-            target_grad = target_grad + smooth
-
-    loss = target_sum * log_sum_exp - target_dot_s
-    coef = target_sum
-    if z_loss:
-        loss = loss + z_loss * lse**2
-        coef = coef + 2.0 * z_loss * lse
-    grad = probs * coef[..., None] - target_grad
-    if logit_softcap is not None:
-        grad = grad * (1.0 - tanh**2)
-
-    loss = jnp.where(counted, loss, 0.0)
-    grad = jnp.where(counted[..., None], grad, 0.0)
-    loss = jnp.where(bad, jnp.nan, loss)
-    grad = jnp.where(bad[..., None], jnp.nan, grad)
-    if reduction == "mean":
-        scale = 1.0 / mean_denominator(counted, normaliser)
-        loss, grad = jnp.sum(loss) * scale, grad * scale
-    elif reduction == "sum":
-        loss = jnp.sum(loss)
-    return loss, jnp.moveaxis(grad, -1, axis).astype(logits.dtype)
-
-
-def mean_denominator(counted: jax.Array, normaliser: jax.Array) -> jax.Array:
-    r"""The divisor of ``reduction="mean"``: :math:`\sum_i m_i n_i`, or 1 when that is 0.
-
-    Args:
-        counted: Boolean mask :math:`m_i` of the examples that count.
-        normaliser: :math:`n_i`: the target class's weight for integer labels with class
-            weights, else 1.
-
-    Returns:
-        A positive scalar.
-    """
-    denominator = jnp.sum(jnp.where(counted, normaliser, 0.0))
-    return jnp.where(denominator == 0, 1.0, denominator)
+    fwd = _forward(problem.config, *problem.args, with_grad=True)
+    grad = problem.layout.from_rows(fwd.grad).astype(jnp.asarray(logits).dtype)
+    return fwd.loss, grad
 
 
 def softmax_cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     reduction: Reduction = "mean",
-    **options: object,
+    **options: Any,
 ) -> jax.Array:
     r"""Softmax cross-entropy :math:`-\sum_l t_l \log \operatorname{softmax}(x)_l`, stably.
 
@@ -266,16 +314,19 @@ def softmax_cross_entropy(
         >>> print(f"{jxent.softmax_cross_entropy(jnp.array([[2.0, 0.0]]), jnp.array([0])):.4f}")
         0.1269
     """
-    return loss_and_logits_grad(logits, labels, axis=axis, reduction=reduction, **options)[0]
+    problem = _prepare(
+        "softmax_cross_entropy", logits, labels, axis=axis, reduction=reduction, **options
+    )
+    return _loss_fn(problem.config)(*problem.args)
 
 
 def logits_grad(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     reduction: Reduction = "mean",
-    **options: object,
+    **options: Any,
 ) -> jax.Array:
     r"""The hand-derived :math:`\partial J / \partial \text{logits} = p - \operatorname{onehot}(y)`.
 
@@ -299,4 +350,6 @@ def logits_grad(
         >>> print(jxent.logits_grad(jnp.array([[0.0, 0.0]]), jnp.array([0])))
         [[-0.5  0.5]]
     """
-    return loss_and_logits_grad(logits, labels, axis=axis, reduction=reduction, **options)[1]
+    problem = _prepare("logits_grad", logits, labels, axis=axis, reduction=reduction, **options)
+    fwd = _forward(problem.config, *problem.args, with_grad=True)
+    return problem.layout.from_rows(fwd.grad).astype(jnp.asarray(logits).dtype)

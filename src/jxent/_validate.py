@@ -2,54 +2,126 @@
 
 from __future__ import annotations
 
-import numbers
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-REDUCTIONS = ("mean", "sum", "none")
+from jxent._options import is_concrete
 
 
-def is_concrete(value: Any) -> bool:
-    """True when ``value`` holds numbers now, i.e. we are not inside a trace."""
-    return value is None or not isinstance(value, jax.core.Tracer)
+class Layout(NamedTuple):
+    """Where the class axes are: logits go to ``[rows, L]`` and gradients come back."""
+
+    perm: tuple[int, ...]  # batch axes, then class axes
+    batch_shape: tuple[int, ...]
+    class_shape: tuple[int, ...]
+
+    @property
+    def num_classes(self) -> int:
+        """``L``: the product of the class axes' sizes."""
+        return math.prod(self.class_shape)
+
+    @property
+    def num_rows(self) -> int:
+        """The number of examples."""
+        return math.prod(self.batch_shape)
+
+    def to_rows(self, a: jax.Array) -> jax.Array:
+        """``[..., classes, ...] -> [rows, L]``."""
+        return jnp.transpose(a, self.perm).reshape(self.num_rows, self.num_classes)
+
+    def from_rows(self, a: jax.Array) -> jax.Array:
+        """``[rows, L] -> [..., classes, ...]`` (the inverse of :meth:`to_rows`)."""
+        a = a.reshape(self.batch_shape + self.class_shape)
+        return jnp.transpose(a, tuple(int(i) for i in np.argsort(self.perm)))
 
 
-def check_logits(logits: jax.Array, axis: int) -> int:
-    """Checks the logits' dtype and rank and returns ``axis`` as a non-negative index."""
+def check_logits(logits: jax.Array, axis: int | tuple[int, ...], name: str = "logits") -> Layout:
+    """Checks the logits' dtype, rank and class axes; returns where the classes are."""
     if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(f"logits must have a floating dtype, found {logits.dtype}")
+        raise TypeError(f"{name} must have a floating dtype, found {logits.dtype}")
     if logits.ndim == 0:
-        raise ValueError("logits must have at least one (class) axis, found a scalar")
-    if not -logits.ndim <= axis < logits.ndim:
-        raise ValueError(f"axis={axis} is out of range for logits of rank {logits.ndim}")
-    return axis % logits.ndim
+        raise ValueError(f"{name} must have at least one (class) axis, found a scalar")
+    axes = (axis,) if not isinstance(axis, tuple) else axis
+    if not axes or not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+        raise TypeError(f"axis must be an int or a non-empty tuple of ints, found {axis!r}")
+    for a in axes:
+        if not -logits.ndim <= a < logits.ndim:
+            raise ValueError(f"axis={axis} is out of range for {name} of rank {logits.ndim}")
+    axes = tuple(a % logits.ndim for a in axes)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"axis={axis} names an axis twice")
+    batch = tuple(i for i in range(logits.ndim) if i not in axes)
+    layout = Layout(
+        batch + tuple(sorted(axes)),
+        tuple(logits.shape[i] for i in batch),
+        tuple(logits.shape[i] for i in sorted(axes)),
+    )
+    if layout.num_classes == 0:
+        raise ValueError(
+            f"{name} must have at least one class, found {name} of shape {logits.shape} with "
+            f"0 classes along axis={axis}"
+        )
+    return layout
 
 
-def check_labels(logits: jax.Array, labels: jax.Array, axis: int) -> bool:
+def check_labels(logits_shape: tuple[int, ...], labels: jax.Array, layout: Layout) -> bool:
     """Checks labels against logits; returns True for probability (soft) labels."""
-    batch_shape = logits.shape[:axis] + logits.shape[axis + 1 :]
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        if labels.shape != batch_shape:
+        if labels.shape != layout.batch_shape:
             raise ValueError(
-                f"integer labels must have shape {batch_shape} (logits {logits.shape} without "
-                f"the class axis {axis}), found {labels.shape}"
+                f"integer labels must have shape {layout.batch_shape} (logits {logits_shape} "
+                f"without the class axes), found {labels.shape}"
             )
         return False
     if jnp.issubdtype(labels.dtype, jnp.floating):
-        if labels.shape != logits.shape:
+        if labels.shape != logits_shape:
             raise ValueError(
                 f"probability labels (floating dtype) must have the logits' shape "
-                f"{logits.shape}, found {labels.shape}; pass integer class indices of shape "
-                f"{batch_shape} for hard labels"
+                f"{logits_shape}, found {labels.shape}; pass integer class indices of shape "
+                f"{layout.batch_shape} for hard labels"
             )
         return True
     raise TypeError(
         f"labels must be integer class indices or floating probabilities, found dtype "
         f"{labels.dtype}"
     )
+
+
+def check_where(
+    where: Any, logits_shape: tuple[int, ...], layout: Layout
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """``where`` as a per-example mask ``[rows]`` and/or a per-logit mask ``[rows, L]``.
+
+    A mask with the batch shape (or broadcastable to it) masks examples; one with the logits'
+    rank, broadcastable to the logits' shape, masks individual logits (optax's ``where``). A
+    per-logit mask that is constant along the class axes is an example mask.
+    """
+    if where is None:
+        return None, None
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(f"where must be a boolean mask, found dtype {where.dtype}")
+    rank = len(logits_shape)
+    try:
+        if where.ndim == rank:
+            full = jnp.broadcast_to(where, logits_shape)
+            class_sizes = [where.shape[i] for i in layout.perm[len(layout.batch_shape) :]]
+            if any(n != 1 for n in class_sizes):
+                return None, layout.to_rows(full)
+            where = jnp.transpose(where, layout.perm).reshape(
+                tuple(where.shape[i] for i in layout.perm[: len(layout.batch_shape)])
+            )
+        return jnp.broadcast_to(where, layout.batch_shape).reshape(-1), None
+    except ValueError:
+        raise ValueError(
+            f"where must have the examples' shape {layout.batch_shape} (a mask per example) or "
+            f"be broadcastable to the logits' shape {logits_shape} (a mask per logit), found "
+            f"{where.shape}"
+        ) from None
 
 
 def check_label_range(
@@ -61,7 +133,8 @@ def check_label_range(
     """Raises ``ValueError`` naming the first counted label outside ``[0, num_classes)``.
 
     Only runs when the labels (and ``where``) are concrete; under ``jit`` the NaN policy of
-    :func:`jxent.loss_and_logits_grad` applies instead.
+    :func:`jxent.loss_and_logits_grad` applies instead. Works in the labels' own dtype, which
+    numpy compares against Python ints without wrapping.
     """
     if not (is_concrete(labels) and is_concrete(where)):
         return
@@ -70,7 +143,7 @@ def check_label_range(
     if ignore_index is not None:
         bad &= y != ignore_index
     if where is not None:
-        bad &= np.asarray(where)
+        bad &= np.asarray(where).reshape(y.shape)
     if bad.any():
         pos = tuple(int(i) for i in np.argwhere(bad)[0])
         allowed = f"0..{num_classes - 1}"
@@ -81,55 +154,3 @@ def check_label_range(
             f"label out of range: labels[{where_txt}] = {int(y[pos])}, expected {allowed} "
             f"({int(bad.sum())} bad label(s) in all)"
         )
-
-
-def check_options(
-    *,
-    batch_shape: tuple[int, ...],
-    num_classes: int,
-    soft: bool,
-    reduction: str,
-    weights: jax.Array | None,
-    where: jax.Array | None,
-    ignore_index: int | None,
-    label_smoothing: float,
-    z_loss: float,
-    logit_softcap: float | None,
-) -> None:
-    """Checks the loss options that do not depend on label values."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, found {reduction!r}")
-    if weights is not None:
-        if weights.shape != (num_classes,):
-            raise ValueError(
-                f"weights must have shape ({num_classes},), one per class, found {weights.shape}"
-            )
-        if not jnp.issubdtype(weights.dtype, jnp.floating):
-            raise TypeError(f"weights must have a floating dtype, found {weights.dtype}")
-    if where is not None:
-        if where.dtype != jnp.bool_:
-            raise TypeError(f"where must be a boolean mask, found dtype {where.dtype}")
-        if where.shape != batch_shape:
-            raise ValueError(
-                f"where must have the labels' batch shape {batch_shape}, found {where.shape}"
-            )
-    if ignore_index is not None:
-        if soft:
-            raise ValueError(
-                "ignore_index applies to integer labels only; mask probability labels with where="
-            )
-        if not isinstance(ignore_index, numbers.Integral):
-            raise TypeError(f"ignore_index must be a Python int or None, found {ignore_index!r}")
-    _check_static_number("label_smoothing", label_smoothing, 0.0, 1.0)
-    _check_static_number("z_loss", z_loss, 0.0, float("inf"))
-    if logit_softcap is not None:
-        _check_static_number("logit_softcap", logit_softcap, 0.0, float("inf"))
-        if logit_softcap == 0:
-            raise ValueError("logit_softcap must be positive (or None for no cap), found 0")
-
-
-def _check_static_number(name: str, value: Any, lo: float, hi: float) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python number, found {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must lie in [{lo}, {hi}], found {value}")

@@ -21,23 +21,17 @@ from typing import Any, Protocol
 import jax
 from jax.typing import ArrayLike
 
+from jxent import _options
 from jxent._loss import loss_and_logits_grad
 
 PyTree = Any
 Predictor = Callable[[PyTree, Any], jax.Array]
 
-_OPTIONS = frozenset(
-    {
-        "axis",
-        "reduction",
-        "weights",
-        "where",
-        "ignore_index",
-        "label_smoothing",
-        "z_loss",
-        "logit_softcap",
-    }
-)
+
+
+def check_option_names(options: dict[str, Any], function: str = "value_and_grad") -> None:
+    """Raises ``TypeError`` for a keyword that is not a loss option, naming ``function``."""
+    _options.check_option_names(options, function)
 
 
 class ValueAndGradFn(Protocol):
@@ -46,13 +40,6 @@ class ValueAndGradFn(Protocol):
     def __call__(
         self, params: PyTree, x: Any, labels: ArrayLike, **options: Any
     ) -> tuple[jax.Array, PyTree]: ...
-
-
-def check_option_names(options: dict[str, Any]) -> None:
-    """Raises ``TypeError`` for a keyword that is not a loss option."""
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown loss option(s) {unknown}; expected some of {sorted(_OPTIONS)}")
 
 
 def value_and_grad(predictor: Predictor, **loss_options: Any) -> ValueAndGradFn:

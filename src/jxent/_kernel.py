@@ -1,0 +1,308 @@
+r"""The per-row math of softmax cross-entropy, written once, over blocks of classes.
+
+Every loss path in jxent is a schedule over these functions: the materialised loss is one block
+of all ``L`` classes, :func:`jxent.linear_cross_entropy` folds blocks of a chunk of tokens, and
+the vocab-parallel loss folds the blocks of each vocabulary shard and then merges the shards with
+the same associative :func:`merge` through ``pmax``/``psum``.
+
+For one row (example) with logits :math:`x`, the (optionally soft-capped) scores
+:math:`s = c\tanh(x/c)` (a :math:`-\infty` logit stays :math:`-\infty`), the effective target
+
+.. math::
+
+    t_l = w_l\big((1-\varepsilon)\,q_l + \tfrac{\varepsilon}{L}\,[s_l > -\infty]\big),
+
+(:math:`q` one-hot or given probabilities, :math:`w` class weights, :math:`\varepsilon` label
+smoothing, which puts no mass on classes outside the softmax), :math:`T = \sum_l t_l` and
+:math:`\operatorname{lse} = \log\sum_l e^{s_l}`, the cross-entropy and its gradient are
+
+.. math::
+
+    ce = \sum_l t_l(\operatorname{lse} - s_l), \qquad
+    \frac{\partial}{\partial x}\big(a\,ce + b\,z\operatorname{lse}^2\big)
+    = \big(p\,(aT + 2bz\operatorname{lse}) - a\,t\big)\odot\big(1 - (s/c)^2\big),
+
+where :math:`a, b` are the row's weights in the reduction (see :func:`row_scales`). The
+derivative with respect to the target is :math:`a\,u_l` with
+:math:`u_l = \operatorname{lse} - s_l` (0 where :math:`s_l = -\infty`: such a class is outside
+the support), which :func:`label_coefficients` carries to the labels, the class weights and
+:math:`\varepsilon`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import checkify
+
+from jxent._options import Arrays, Config
+
+NEG_INF = -jnp.inf
+
+
+class Rows(NamedTuple):
+    """Per-row facts that do not depend on the class block.
+
+    Attributes:
+        labels: Class indices ``int32 [R]`` (clipped into ``[0, L)``) or probabilities ``[R, L]``.
+        counted: ``bool [R]``: the row takes part in the loss (``where``, ``ignore_index``).
+        bad: ``bool [R]``: counted with an out-of-range label (or a traced option out of range);
+            its loss and gradient are NaN.
+    """
+
+    labels: jax.Array
+    counted: jax.Array
+    bad: jax.Array
+
+
+def label_equals(labels: jax.Array, value: int) -> jax.Array:
+    """``labels == value`` without wrapping ``value`` into the labels' (maybe narrow) dtype."""
+    info = jnp.iinfo(labels.dtype)
+    if not info.min <= value <= info.max:
+        return jnp.zeros(labels.shape, bool)
+    return labels == jnp.asarray(value, labels.dtype)
+
+
+def integer_rows(config: Config, labels: jax.Array, where: jax.Array) -> Rows:
+    """Counted and bad rows and ``int32`` class indices, for integer labels of any dtype.
+
+    Comparisons run in a dtype that holds ``L`` (int8 labels against ``L = 200`` must not wrap),
+    and a bad counted label also raises through ``checkify`` when the caller is checkified
+    (:func:`jxent.checked`); without checkify that check is a no-op.
+    """
+    counted = where
+    if config.ignore_index is not None:
+        counted = counted & ~label_equals(labels, config.ignore_index)
+    wide = labels.astype(jnp.int32) if jnp.iinfo(labels.dtype).bits < 32 else labels
+    in_range = (wide >= 0) & (wide < config.num_classes)
+    bad = counted & ~in_range
+    flat = jnp.ravel(bad)
+    first = jnp.argmax(flat)
+    checkify.debug_check(
+        ~jnp.any(flat),
+        "label out of range: flat position {pos} has label {value}, expected 0.."
+        + str(config.num_classes - 1),
+        pos=first,
+        value=jnp.ravel(wide)[first],
+    )
+    clipped = jnp.where(in_range, wide, 0).astype(jnp.int32)
+    return Rows(clipped, counted, bad)
+
+
+def mean_normaliser(config: Config, rows: Rows, weights: jax.Array) -> jax.Array:
+    """:math:`n_i`: the target class's weight for integer labels with class weights, else 1."""
+    if config.has_weights and not config.soft:
+        return jnp.take(weights, rows.labels)
+    return jnp.ones(rows.counted.shape, weights.dtype)
+
+
+def denominator(counted: jax.Array, normaliser: jax.Array) -> jax.Array:
+    r""":math:`\sum_i m_i n_i`, or 1 when that is 0 (every row masked: the mean is 0)."""
+    total = jnp.sum(jnp.where(counted, normaliser, 0.0))
+    return jnp.where(total == 0, 1.0, total)
+
+
+def row_scales(
+    config: Config, rows: Rows, weights: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""Each row's weight in the reduction: :math:`a_i` for the cross-entropy, :math:`b_i` for z.
+
+    ``"none"`` and ``"sum"``: :math:`a_i = b_i = m_i`. ``"mean"``: the weighted mean of the
+    cross-entropy plus :math:`z` times the mean of :math:`\operatorname{lse}^2` over counted rows
+    (Liger Kernel's ``CrossEntropyWithZLoss``), so :math:`a_i = m_i / \sum_j m_j n_j` (PyTorch's
+    ``weight=`` mean) and :math:`b_i = m_i / \sum_j m_j`. Returns ``(a, b, n)``.
+    """
+    one = rows.counted.astype(weights.dtype)
+    n = mean_normaliser(config, rows, weights)
+    if config.reduction != "mean":
+        return one, one, n
+    count = denominator(rows.counted, jnp.ones_like(one))
+    return one / denominator(rows.counted, n), one / count, n
+
+
+def cap(config: Config, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Soft-capped scores ``s`` and ``ds/dx`` (None without a cap); ``-inf`` stays ``-inf``."""
+    c = config.logit_softcap
+    if c is None:
+        return x, None
+    tanh = jnp.tanh(x / c)
+    # c tanh(-inf / c) = -c would give a masked class probability back.
+    return jnp.where(x == NEG_INF, NEG_INF, c * tanh), 1.0 - tanh**2
+
+
+class Target(NamedTuple):
+    """A block of the effective target and the pieces its derivatives need."""
+
+    t: jax.Array  # w * t0
+    t0: jax.Array  # (1 - eps) q + eps / L [s > -inf], before class weights
+    q0: jax.Array  # q: one-hot or the given probabilities
+    w: jax.Array | None  # the block's class weights [1, size], or None
+
+
+def target_block(
+    config: Config, rows: Rows, arrays: Arrays, s: jax.Array, start: Any
+) -> Target:
+    """The effective target for the columns ``[start, start + size)`` of ``s`` ``[R, size]``."""
+    size = s.shape[-1]
+    if config.soft:
+        q0 = lax.dynamic_slice_in_dim(rows.labels, start, size, axis=1).astype(s.dtype)
+    else:
+        columns = lax.broadcasted_iota(jnp.int32, s.shape, 1) + start
+        q0 = (columns == rows.labels[:, None]).astype(s.dtype)
+    t0 = q0
+    if config.has_smoothing:
+        eps = arrays.label_smoothing
+        smooth = jnp.where(s == NEG_INF, 0.0, eps / config.num_classes)
+        t0 = (1.0 - eps) * q0 + smooth
+    if not config.has_weights:
+        return Target(t0, t0, q0, None)
+    w = lax.dynamic_slice_in_dim(arrays.weights, start, size)[None, :]
+    return Target(t0 * w, t0, q0, w)
+
+
+class Stats(NamedTuple):
+    """Online-softmax statistics of a row over the classes seen so far (a monoid, see merge).
+
+    ``se`` and ``tds`` are relative to :func:`reference` of ``m``, which is finite.
+    """
+
+    m: jax.Array  # max of s; -inf when every class seen is -inf
+    se: jax.Array  # sum exp(s - ref)
+    tds: jax.Array  # sum t (s - ref), with 0 * (-inf) = 0
+    tsum: jax.Array  # sum t
+
+
+def reference(m: jax.Array) -> jax.Array:
+    """The shift the statistics are taken relative to: the max, or 0 for an empty row."""
+    return jnp.where(m == NEG_INF, 0.0, m)
+
+
+def block_stats(s: jax.Array, t: jax.Array) -> Stats:
+    """Statistics of one block ``s, t`` ``[R, size]``; the max is constant for autodiff."""
+    m = lax.stop_gradient(jnp.max(s, axis=-1))
+    rel = s - reference(m)[:, None]
+    tds = jnp.sum(jnp.where(t == 0, 0.0, t * rel), axis=-1)
+    return Stats(m, jnp.sum(jnp.exp(rel), axis=-1), tds, jnp.sum(t, axis=-1))
+
+
+def rebase(stats: Stats, m: jax.Array) -> Stats:
+    """The same statistics relative to a new max ``m >= stats.m`` (``m`` may come from pmax)."""
+    ref = reference(m)
+    factor = jnp.where(stats.m == NEG_INF, 0.0, jnp.exp(stats.m - ref))
+    shift = reference(stats.m) - ref
+    tds = stats.tds + jnp.where(stats.tsum == 0, 0.0, stats.tsum * shift)
+    return Stats(m, stats.se * factor, tds, stats.tsum)
+
+
+def merge(a: Stats, b: Stats) -> Stats:
+    """The statistics of the union of two sets of classes (associative, commutative)."""
+    m = jnp.maximum(a.m, b.m)
+    a, b = rebase(a, m), rebase(b, m)
+    return Stats(m, a.se + b.se, a.tds + b.tds, a.tsum + b.tsum)
+
+
+def finish(stats: Stats) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""``(lse, ce, empty)``: log-sum-exp, :math:`\sum_l t_l(\operatorname{lse} - s_l)`, no class.
+
+    A row whose every score is :math:`-\infty` is ``empty``: its softmax is undefined.
+    """
+    log_se = jnp.log(stats.se)
+    empty = stats.m == NEG_INF
+    ce = jnp.where(stats.tsum == 0, 0.0, stats.tsum * log_se) - stats.tds
+    return reference(stats.m) + log_se, ce, empty
+
+
+def row_losses(
+    config: Config,
+    rows: Rows,
+    arrays: Arrays,
+    ce: jax.Array,
+    lse: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+) -> jax.Array:
+    """Each row's share of the loss, :math:`a_i ce_i + b_i z \\operatorname{lse}_i^2`; NaN if bad."""
+    loss = a * ce
+    if config.has_z_loss:
+        loss = loss + b * arrays.z_loss * lse**2
+    return jnp.where(rows.bad, jnp.nan, jnp.where(rows.counted, loss, 0.0))
+
+
+def safe_lse(rows: Rows, lse: jax.Array) -> jax.Array:
+    """``lse`` where the row is counted and finite, else 0 (keeps NaN out of masked rows)."""
+    return jnp.where(rows.counted & jnp.isfinite(lse), lse, 0.0)
+
+
+def grad_block(
+    config: Config,
+    rows: Rows,
+    arrays: Arrays,
+    s: jax.Array,
+    ds: jax.Array | None,
+    target: Target,
+    tsum: jax.Array,
+    lse: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+) -> jax.Array:
+    r"""The hand-derived :math:`\partial(\text{row share})/\partial x` on one block ``[R, size]``.
+
+    :math:`G = (p\,(aT + 2bz\operatorname{lse}) - a\,t) \odot ds/dx`; zero for rows that do not
+    count, NaN for bad ones. ``lse`` and ``tsum`` are the whole row's.
+    """
+    lse = safe_lse(rows, lse)
+    coef = a * tsum
+    if config.has_z_loss:
+        coef = coef + 2.0 * arrays.z_loss * b * lse
+    g = jnp.exp(s - lse[:, None]) * coef[:, None] - a[:, None] * target.t
+    if ds is not None:
+        g = g * ds
+    g = jnp.where(rows.counted[:, None], g, 0.0)
+    return jnp.where(rows.bad[:, None], jnp.nan, g)
+
+
+class LabelCoefficients(NamedTuple):
+    """Per-entry derivatives of the row share with respect to the target's inputs ``[R, size]``.
+
+    ``labels``: w.r.t. probability labels; ``weights``: w.r.t. the class weights (before
+    summing over rows, and without the mean's denominator term); ``smoothing``: w.r.t.
+    :math:`\\varepsilon` (before summing).
+    """
+
+    labels: jax.Array
+    weights: jax.Array
+    smoothing: jax.Array
+
+
+def label_coefficients(
+    config: Config, rows: Rows, arrays: Arrays, s: jax.Array, target: Target, lse: jax.Array, a
+) -> LabelCoefficients:
+    r""":math:`a\,u \odot \partial t/\partial(q, w, \varepsilon)` with :math:`u = \operatorname{lse}-s`.
+
+    :math:`u_l = 0` where :math:`s_l = -\infty` (a class outside the softmax), so tangents along
+    the labels stay finite there; elsewhere :math:`u_l = -\log p_l`, also where :math:`t_l = 0`.
+    """
+    u = jnp.where(s == NEG_INF, 0.0, safe_lse(rows, lse)[:, None] - s)
+    au = jnp.where(rows.counted, a, 0.0)[:, None] * u
+    w = 1.0 if target.w is None else target.w
+    eps = arrays.label_smoothing if config.has_smoothing else 0.0
+    d_smooth = w * (jnp.where(s == NEG_INF, 0.0, 1.0 / config.num_classes) - target.q0)
+    return LabelCoefficients(au * (1.0 - eps) * w, au * target.t0, au * d_smooth)
+
+
+def weights_denominator_grad(
+    config: Config, rows: Rows, mean_ce: jax.Array, normaliser_sum: jax.Array
+) -> jax.Array | None:
+    r"""The mean's denominator :math:`D = \sum_i m_i w_{y_i}` differentiated w.r.t. ``weights``.
+
+    :math:`\partial(\sum_i ce_i / D)/\partial w_l \mathrel{+}= -(J_{ce}/D)\sum_i m_i[y_i = l]`.
+    None when the denominator does not depend on the weights.
+    """
+    if not (config.reduction == "mean" and config.has_weights and not config.soft):
+        return None
+    counts = jnp.zeros((config.num_classes,), mean_ce.dtype)
+    counts = counts.at[rows.labels].add(rows.counted.astype(mean_ce.dtype))
+    return -(mean_ce / normaliser_sum) * counts
