@@ -232,8 +232,8 @@ def row_losses(
 
 
 def safe_lse(rows: Rows, lse: jax.Array) -> jax.Array:
-    """``lse`` where the row is counted and finite, else 0 (keeps NaN out of masked rows)."""
-    return jnp.where(rows.counted & jnp.isfinite(lse), lse, 0.0)
+    """``lse`` where the row counts and has a class, else 0 (no NaN from masked rows)."""
+    return jnp.where(rows.counted & (lse != NEG_INF), lse, 0.0)
 
 
 def grad_block(

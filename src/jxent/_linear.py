@@ -234,7 +234,7 @@ def _scan(
                 w_dot = lax.dynamic_slice_in_dim(dots.w, start, size, axis=1)
                 z_dot = z_dot + jnp.dot(c["x"], w_dot, preferred_element_type=acc)
             if not _zero(dots.b):
-                z_dot = z_dot + lax.dynamic_slice_in_dim(dots.b, start, size).astype(acc)
+                z_dot = z_dot + lax.dynamic_slice_in_dim(dots.b, start, size).astype(acc)[None, :]
         return w_b, s, ds, target, local, z_dot
 
     def _target(rows: Rows, local: Arrays, s: jax.Array, start: Any, size: int) -> Any:
