@@ -107,7 +107,11 @@ def test_shape_errors_also_raise_under_jit():
 
 
 def test_unknown_option_is_rejected():
-    with pytest.raises(TypeError, match=r"value_and_grad\(\) got an unknown loss option 'smoothing'; did you mean 'label_smoothing'"):
+    with pytest.raises(
+        TypeError,
+        match=r"value_and_grad\(\) got an unknown loss option 'smoothing'; did you mean "
+        r"'label_smoothing'",
+    ):
         jxent.value_and_grad(linear.apply, smoothing=0.1)
     params = linear.init(jax.random.key(0), 3, L)
     with pytest.raises(TypeError, match="unknown loss option"):

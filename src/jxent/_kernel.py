@@ -143,23 +143,37 @@ class Target(NamedTuple):
 
 
 def target_block(
-    config: Config, rows: Rows, arrays: Arrays, s: jax.Array, start: Any
+    config: Config,
+    labels: jax.Array,
+    weights: jax.Array | None,
+    eps: jax.Array,
+    s: jax.Array,
+    start: Any,
 ) -> Target:
-    """The effective target for the columns ``[start, start + size)`` of ``s`` ``[R, size]``."""
-    size = s.shape[-1]
+    """The effective target on a block of columns, ``s`` ``[R, size]`` being its scores.
+
+    Args:
+        config: The static options.
+        labels: The block's probabilities ``[R, size]``, or class indices ``int32 [R]``.
+        weights: The block's class weights ``[size]``, or None.
+        eps: The label smoothing.
+        s: The block's (capped, masked) scores.
+        start: The global class index of the block's first column (integer labels).
+    """
     if config.soft:
-        q0 = lax.dynamic_slice_in_dim(rows.labels, start, size, axis=1).astype(s.dtype)
+        q0 = labels.astype(s.dtype)
     else:
-        columns = lax.broadcasted_iota(jnp.int32, s.shape, 1) + start
-        q0 = (columns == rows.labels[:, None]).astype(s.dtype)
+        # One row of column numbers, broadcast in the comparison: XLA hoists a full-size iota
+        # out of the block loop and materialises it.
+        columns = lax.broadcasted_iota(jnp.int32, (1, s.shape[1]), 1) + start
+        q0 = (columns == labels[:, None]).astype(s.dtype)
     t0 = q0
     if config.has_smoothing:
-        eps = arrays.label_smoothing
         smooth = jnp.where(s == NEG_INF, 0.0, eps / config.num_classes)
         t0 = (1.0 - eps) * q0 + smooth
-    if not config.has_weights:
+    if weights is None:
         return Target(t0, t0, q0, None)
-    w = lax.dynamic_slice_in_dim(arrays.weights, start, size)[None, :]
+    w = weights[None, :]
     return Target(t0 * w, t0, q0, w)
 
 
@@ -224,7 +238,7 @@ def row_losses(
     a: jax.Array,
     b: jax.Array,
 ) -> jax.Array:
-    """Each row's share of the loss, :math:`a_i ce_i + b_i z \\operatorname{lse}_i^2`; NaN if bad."""
+    r"""Each row's share of the loss, :math:`a_i ce_i + b_i z\operatorname{lse}_i^2`; NaN if bad."""
     loss = a * ce
     if config.has_z_loss:
         loss = loss + b * arrays.z_loss * lse**2
@@ -251,25 +265,26 @@ def grad_block(
     r"""The hand-derived :math:`\partial(\text{row share})/\partial x` on one block ``[R, size]``.
 
     :math:`G = (p\,(aT + 2bz\operatorname{lse}) - a\,t) \odot ds/dx`; zero for rows that do not
-    count, NaN for bad ones. ``lse`` and ``tsum`` are the whole row's.
+    count (NaN logits in such a row still give NaN), NaN for bad rows. ``lse`` and ``tsum``
+    are the whole row's.
     """
-    lse = safe_lse(rows, lse)
+    # Row-level guards only (no [R, size] selects): an uncounted row gets p = exp(s - inf) = 0
+    # and a = b = 0, a bad row a = NaN.
+    a = jnp.where(rows.bad, jnp.nan, a)
     coef = a * tsum
     if config.has_z_loss:
-        coef = coef + 2.0 * arrays.z_loss * b * lse
-    g = jnp.exp(s - lse[:, None]) * coef[:, None] - a[:, None] * target.t
-    if ds is not None:
-        g = g * ds
-    g = jnp.where(rows.counted[:, None], g, 0.0)
-    return jnp.where(rows.bad[:, None], jnp.nan, g)
+        coef = coef + 2.0 * arrays.z_loss * b * safe_lse(rows, lse)
+    lse_p = jnp.where(rows.counted, safe_lse(rows, lse), jnp.inf)
+    g = jnp.exp(s - lse_p[:, None]) * coef[:, None] - a[:, None] * target.t
+    return g if ds is None else g * ds
 
 
 class LabelCoefficients(NamedTuple):
-    """Per-entry derivatives of the row share with respect to the target's inputs ``[R, size]``.
+    r"""Per-entry derivatives of the row share with respect to the target's inputs ``[R, size]``.
 
     ``labels``: w.r.t. probability labels; ``weights``: w.r.t. the class weights (before
     summing over rows, and without the mean's denominator term); ``smoothing``: w.r.t.
-    :math:`\\varepsilon` (before summing).
+    :math:`\varepsilon` (before summing).
     """
 
     labels: jax.Array
@@ -280,7 +295,7 @@ class LabelCoefficients(NamedTuple):
 def label_coefficients(
     config: Config, rows: Rows, arrays: Arrays, s: jax.Array, target: Target, lse: jax.Array, a
 ) -> LabelCoefficients:
-    r""":math:`a\,u \odot \partial t/\partial(q, w, \varepsilon)` with :math:`u = \operatorname{lse}-s`.
+    r"""Derivatives :math:`a u \odot \partial t/\partial(q, w, \varepsilon)` with :math:`u = lse - s`.
 
     :math:`u_l = 0` where :math:`s_l = -\infty` (a class outside the softmax), so tangents along
     the labels stay finite there; elsewhere :math:`u_l = -\log p_l`, also where :math:`t_l = 0`.

@@ -238,18 +238,25 @@ def _scan(
         return w_b, s, ds, target, local, z_dot
 
     def _target(rows: Rows, local: Arrays, s: jax.Array, start: Any, size: int) -> Any:
-        # Labels and class weights are sliced locally, integer labels compared globally.
+        # Probability labels and class weights are sliced locally, class indices compared
+        # with global column numbers.
+        weights = local.weights if config.has_weights else None
         if config.soft:
             q = lax.dynamic_slice_in_dim(rows.labels, start, size, axis=1)
-            return _kernel.target_block(config, rows._replace(labels=q), local, s, 0)
-        shifted = rows._replace(labels=rows.labels - offset - start)
-        return _kernel.target_block(config, shifted, local, s, 0)
+            return _kernel.target_block(config, q, weights, args.eps, s, 0)
+        return _kernel.target_block(config, rows.labels, weights, args.eps, s, start + offset)
 
-    def over_blocks(step: Any, carry: Any) -> Any:
-        carry = lax.fori_loop(0, full_blocks, lambda j, c: step(c, j * block, block), carry)
-        return step(carry, full_blocks * block, rest) if rest else carry
+    def body(carry: tuple, inputs: tuple) -> tuple:
+        c, pin = inputs
 
-    def body(carry: tuple, c: dict) -> tuple:
+        def over_blocks(step: Any, carry: Any) -> Any:
+            # `pin` is a zero that comes from the scanned inputs. Without it the block offsets
+            # look loop-invariant to JAX's partial evaluation, which (under jax.grad) hoists
+            # every block of W out of the token loop and stacks them: a copy of W or more.
+            go = lambda j, c: step(c, j * block + pin, block)  # noqa: E731
+            carry = lax.fori_loop(0, full_blocks, go, carry)
+            return step(carry, full_blocks * block + pin, rest) if rest else carry
+
         rows = Rows(c["labels"], c["counted"], c["bad"])
 
         def stats(st: _kernel.Stats, start: Any, size: int) -> _kernel.Stats:
@@ -341,7 +348,7 @@ def _scan(
         carry["dweights"] = jnp.zeros((local_classes,), acc)
     if want.eps:
         carry["deps"] = jnp.zeros((), acc)
-    carry, outs = lax.scan(body, carry, per_token)
+    carry, outs = lax.scan(body, carry, (per_token, jnp.zeros((chunks,), jnp.int32)))
     result = {k: v.reshape(-1, *v.shape[2:])[:num_tokens] for k, v in outs.items()}
     return result | carry
 
@@ -417,8 +424,10 @@ def _runner(config: Config, sched: _Schedule) -> Any:
     """``_scan`` on one device, or under ``shard_map`` over the vocabulary shards."""
     if sched.axis_name is None:
         return functools.partial(_scan, config, sched)
-    rep, cols, vec = PartitionSpec(), PartitionSpec(None, sched.axis_name), PartitionSpec(
-        sched.axis_name
+    rep, cols, vec = (
+        PartitionSpec(),
+        PartitionSpec(None, sched.axis_name),
+        PartitionSpec(sched.axis_name),
     )
     label_spec = cols if config.soft else rep
 
@@ -482,13 +491,19 @@ def linear_cross_entropy(
 
     Equal to ``jxent.softmax_cross_entropy(x @ w + bias, labels, ...)`` with every option, but
     the ``[N, L]`` logits exist only as ``[chunk_size, vocab_block_size]`` blocks (formed twice:
-    once for the log-sum-exp, once for the gradient, see the module notes), and ``jax.grad`` gives
-    :math:`dx, dW, db` through a ``jax.custom_vjp`` built on the hand-derived gradient
+    once for the log-sum-exp, once for the gradient, see the module notes). Its derivative is a
+    ``jax.custom_jvp`` built on the hand-derived gradient of the row kernel,
 
     .. math::
 
         dx = G W^\top, \quad dW = x^\top G, \quad db = \textstyle\sum_i G_i, \qquad
-        G_i = \partial \ell / \partial z_i \text{ (see } \texttt{loss\_and\_logits\_grad}).
+        G_i = \partial \ell / \partial z_i \text{ (see } \texttt{loss\_and\_logits\_grad}),
+
+    so ``jax.grad``, ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` (forward over reverse),
+    ``jax.linearize`` and ``jax.vmap`` all work, none of them with an ``[N, L]`` buffer.
+    Probability ``labels``, class ``weights``, ``label_smoothing`` and ``z_loss`` get their true
+    derivatives too (:math:`\partial\ell/\partial q_l = (1-\varepsilon) w_l
+    (\operatorname{lse} - s_l)`, ...; see ``docs/derivation.md``).
 
     The matmuls run in the inputs' dtype with float32 accumulation; the log-sum-exp, the loss
     and :math:`G` are float32, :math:`dW` and :math:`db` accumulate in float32 across chunks and
@@ -575,24 +590,27 @@ def vocab_parallel_linear_cross_entropy(
     r""":func:`linear_cross_entropy` with ``w`` sharded along the vocabulary over ``mesh``.
 
     Megatron-LM's vocab-parallel scheme under ``jax.shard_map``: device :math:`k` holds
-    :math:`W_k \in \mathbb{R}^{D \times L/P}` and forms only its logits shard :math:`x W_k`.
-    Three collectives combine the softmax -- ``pmax`` of the row maxima, ``psum`` of the sums of
-    exponentials (the log-sum-exp) and ``psum`` of the target logit (found on one shard) -- plus
-    ``psum`` of :math:`\sum_c s_c` for label smoothing. The hand-derived gradient is local:
-    :math:`G_k = p_k(1 + 2z\,\mathrm{lse}) - t_k`, :math:`dW_k = x^\top G_k`, and
-    :math:`dx = \operatorname{psum}_k G_k W_k^\top`.
-
-    Integer labels only, without class ``weights`` (use :func:`linear_cross_entropy` for
-    those). ``L`` must divide evenly over the ``axis_name`` devices.
+    :math:`W_k \in \mathbb{R}^{D \times L/P}` and runs the same chunked scan as
+    :func:`linear_cross_entropy` on its shard (no ``[N, L/P]`` buffer: blocks of
+    ``[chunk, block]``). After pass A of each chunk the shards' online-softmax statistics are
+    merged with the row kernel's associative merge -- ``pmax`` of the row maxima, ``psum`` of
+    the rebased sums of exponentials and target terms -- and pass B forms the local rows of
+    :math:`G` from the global log-sum-exp: :math:`dW_k = x^\top G_k` stays sharded,
+    :math:`dx = \operatorname{psum}_k G_k W_k^\top`. Every option of
+    :func:`linear_cross_entropy` works, and so do forward mode and second derivatives.
 
     Args:
         x: Hidden states ``[N, D]`` (replicated).
         w: ``[D, L]``, sharded (or to be sharded) as ``P(None, axis_name)``.
-        labels: Integer labels ``[N]``.
+        labels: Integer labels ``[N]`` (replicated) or probabilities ``[N, L]`` (sharded like
+            ``w``'s columns).
         mesh: The device mesh.
         axis_name: The mesh axis that shards the vocabulary.
         bias: Optional ``[L]``, sharded like ``w``'s columns.
+        chunk_size: Tokens per chunk (default as :func:`linear_cross_entropy` for ``L/P``).
+        vocab_block_size: Classes per block within a shard (default 2048).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        weights: Per-class weights ``[L]``, sharded like ``w``'s columns.
         where: Boolean token mask ``[N]``.
         ignore_index: Label value of tokens that do not count.
         label_smoothing: As in :func:`jxent.loss_and_logits_grad`.
@@ -601,6 +619,10 @@ def vocab_parallel_linear_cross_entropy(
 
     Returns:
         The loss, scalar or ``[N]``; ``jax.grad`` gives ``dw`` sharded like ``w``.
+
+    Raises:
+        ValueError: ``axis_name`` not in ``mesh``, ``L`` not divisible by its size, and
+            everything :func:`linear_cross_entropy` raises.
     """
     if axis_name not in mesh.shape:
         raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")

@@ -111,7 +111,8 @@ def _forward(
     s, ds = _kernel.cap(config, x)
     if class_mask is not None:
         s = jnp.where(class_mask, s, _kernel.NEG_INF)
-    target = _kernel.target_block(config, rows, arrays, s, 0)
+    class_weights = weights if config.has_weights else None
+    target = _kernel.target_block(config, labels, class_weights, eps, s, 0)
     stats = _kernel.block_stats(s, target.t)
     lse, ce, empty = _kernel.finish(stats)
     if class_mask is not None:  # every class masked: the example takes no part (optax)
@@ -133,7 +134,7 @@ def _is_zero(tangent: Any) -> bool:
 
 
 def _tangent(config: Config, fwd: _Forward, arrays: Arrays, tangents: tuple) -> jax.Array:
-    """:math:`\\langle G, \\dot x\\rangle` plus the label, weight, smoothing and z terms."""
+    r""":math:`\langle G, \dot x\rangle` plus the label, weight, smoothing and z terms."""
     x_dot, q_dot, _, _, _, w_dot, eps_dot, z_dot = tangents
     per_row = jnp.zeros(fwd.rows.counted.shape, fwd.s.dtype)
     if not _is_zero(x_dot):

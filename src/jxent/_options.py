@@ -145,10 +145,8 @@ def _maybe_nonzero(value: ArrayLike) -> bool:
 
 
 def _scalar(name: str, value: ArrayLike, lo: float, hi: float, dtype: Any) -> jax.Array:
-    """A scalar option as an array; range-checked now when concrete (under jit see ``bad_option``)."""
-    if isinstance(value, bool) or not (
-        isinstance(value, numbers.Real) or hasattr(value, "dtype")
-    ):
+    """A scalar option as an array; range-checked when concrete (traced: see ``bad_option``)."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or hasattr(value, "dtype")):
         raise TypeError(f"{name} must be a real number or a scalar array, found {type(value)}")
     if jnp.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar, found shape {jnp.shape(value)}")

@@ -28,7 +28,6 @@ PyTree = Any
 Predictor = Callable[[PyTree, Any], jax.Array]
 
 
-
 def check_option_names(options: dict[str, Any], function: str = "value_and_grad") -> None:
     """Raises ``TypeError`` for a keyword that is not a loss option, naming ``function``."""
     _options.check_option_names(options, function)

@@ -12,9 +12,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _reference import reference_loss  # noqa: E402
-
-import jxent  # noqa: E402
+import jxent
+from _reference import reference_loss
 
 jax.config.update("jax_enable_x64", True)
 assert jax.device_count() == 8, jax.devices()
@@ -32,25 +31,33 @@ cols, vec = PartitionSpec(None, "vocab"), PartitionSpec("vocab")
 w_sharded = jax.device_put(w, NamedSharding(mesh, cols))
 b_sharded = jax.device_put(b, NamedSharding(mesh, vec))
 cases = {
-    "plain": ({}, jnp.where(y < 0, 0, y), {}),
+    "plain": ({}, jnp.where(y < 0, 0, y), None),
     "int-options": (
         {"label_smoothing": 0.1, "z_loss": 0.05, "logit_softcap": 2.5, "ignore_index": -100},
         y,
-        {"weights": cw},
+        cw,
     ),
-    "soft-options": ({"z_loss": 0.05, "where": mask}, q, {"weights": cw}),
+    "soft-options": ({"z_loss": 0.05, "where": mask}, q, cw),
 }
 errors = {}
 for reduction in ("mean", "sum", "none"):
-    for case, (opts, labels, extra) in cases.items():
+    for case, (opts, labels, class_weights) in cases.items():
         ct = jnp.arange(1.0, N + 1.0) if reduction == "none" else 1.0
         soft = labels.dtype == jnp.float64
         diff = (0, 1, 2, 3, 4) if soft else (0, 1, 2, 4)
 
         def vp(x, w, b, labels, cw, opts=opts, reduction=reduction, ct=ct):
             loss = jxent.vocab_parallel_linear_cross_entropy(
-                x, w, labels, mesh=mesh, bias=b, reduction=reduction, weights=cw,
-                chunk_size=8, vocab_block_size=4, **opts,
+                x,
+                w,
+                labels,
+                mesh=mesh,
+                bias=b,
+                reduction=reduction,
+                weights=cw,
+                chunk_size=8,
+                vocab_block_size=4,
+                **opts,
             )
             return jnp.sum(loss * ct)
 
@@ -58,17 +65,20 @@ for reduction in ("mean", "sum", "none"):
             loss = reference_loss(x @ w + b[None], labels, reduction=reduction, weights=cw, **opts)
             return jnp.sum(loss * ct)
 
-        args = (x, w_sharded, b_sharded, labels, cw)
+        if class_weights is None:
+            diff = diff[:-1]
+        args = (x, w_sharded, b_sharded, labels, class_weights)
         got = jax.jit(jax.value_and_grad(vp, argnums=diff))(*args)
-        want = jax.value_and_grad(ref, argnums=diff)(x, w, b, labels, cw)
+        want = jax.value_and_grad(ref, argnums=diff)(x, w, b, labels, class_weights)
         assert got[1][1].sharding.spec == cols, got[1][1].sharding
         rel = [abs(float(got[0] - want[0])) / abs(float(want[0]))]
         rel += [
             float(jnp.max(jnp.abs(g - h)) / jnp.max(jnp.abs(h))) for g, h in zip(got[1], want[1])
         ]
         tangents = (jnp.ones_like(x), jnp.full_like(w, 0.5), jnp.ones_like(b))
-        jvp_got = jax.jit(lambda *t: jax.jvp(lambda *p: vp(*p, labels, cw), args[:3], t)[1])
-        jvp_want = jax.jvp(lambda *p: ref(*p, labels, cw), (x, w, b), tangents)[1]
-        rel.append(abs(float(jvp_got(*tangents) - jvp_want)) / abs(float(jvp_want)))
+        rest = (labels, class_weights)
+        jvp_got = jax.jvp(lambda *p, rest=rest: vp(*p, *rest), args[:3], tangents)[1]
+        jvp_want = jax.jvp(lambda *p, rest=rest: ref(*p, *rest), (x, w, b), tangents)[1]
+        rel.append(abs(float(jvp_got - jvp_want)) / abs(float(jvp_want)))
         errors[f"{reduction}-{case}"] = max(rel)
 json.dump(errors, sys.stdout)
