@@ -257,26 +257,27 @@ def grad_block(
     s: jax.Array,
     ds: jax.Array | None,
     target: Target,
-    tsum: jax.Array,
-    lse: jax.Array,
+    stats: Stats,
     a: jax.Array,
     b: jax.Array,
 ) -> jax.Array:
     r"""The hand-derived :math:`\partial(\text{row share})/\partial x` on one block ``[R, size]``.
 
     :math:`G = (p\,(aT + 2bz\operatorname{lse}) - a\,t) \odot ds/dx`; zero for rows that do not
-    count (NaN logits in such a row still give NaN), NaN for bad rows. ``lse`` and ``tsum``
-    are the whole row's.
+    count, NaN for bad rows. ``stats`` are the whole row's (:math:`T`, the log-sum-exp).
     """
-    # Row-level guards only (no [R, size] selects): an uncounted row gets p = exp(s - inf) = 0
-    # and a = b = 0, a bad row a = NaN.
+    # p = exp((s - ref) - log se): s - lse would round lse's low digits away (p near 1).
+    log_se = jnp.where(rows.counted, jnp.log(stats.se), jnp.inf)  # uncounted rows: p = 0
     a = jnp.where(rows.bad, jnp.nan, a)
-    coef = a * tsum
+    coef = a * stats.tsum
     if config.has_z_loss:
-        coef = coef + 2.0 * arrays.z_loss * b * safe_lse(rows, lse)
-    lse_p = jnp.where(rows.counted, safe_lse(rows, lse), jnp.inf)
-    g = jnp.exp(s - lse_p[:, None]) * coef[:, None] - a[:, None] * target.t
-    return g if ds is None else g * ds
+        coef = coef + 2.0 * arrays.z_loss * b * safe_lse(rows, finish(stats)[0])
+    rel = s - reference(stats.m)[:, None]
+    g = jnp.exp(rel - log_se[:, None]) * coef[:, None] - a[:, None] * target.t
+    if ds is not None:
+        g = g * ds
+    # Exact zeros for rows that do not count, even if their logits are NaN or 0 * inf (padding).
+    return jnp.where(rows.counted[:, None], g, 0.0)
 
 
 class LabelCoefficients(NamedTuple):
@@ -293,14 +294,15 @@ class LabelCoefficients(NamedTuple):
 
 
 def label_coefficients(
-    config: Config, rows: Rows, arrays: Arrays, s: jax.Array, target: Target, lse: jax.Array, a
+    config: Config, rows: Rows, arrays: Arrays, s: jax.Array, target: Target, stats: Stats, a
 ) -> LabelCoefficients:
-    r"""Derivatives :math:`a u \odot \partial t/\partial(q, w, \varepsilon)` with :math:`u = lse - s`.
+    r"""The derivatives :math:`a u \odot \partial t/\partial(q, w, \varepsilon)`, `u = lse - s`.
 
-    :math:`u_l = 0` where :math:`s_l = -\infty` (a class outside the softmax), so tangents along
-    the labels stay finite there; elsewhere :math:`u_l = -\log p_l`, also where :math:`t_l = 0`.
+    :math:`u_l = -\log p_l`, also where :math:`t_l = 0`; :math:`u_l = 0` where :math:`s_l = -\infty`
+    (a class outside the softmax), so tangents along the labels stay finite there.
     """
-    u = jnp.where(s == NEG_INF, 0.0, safe_lse(rows, lse)[:, None] - s)
+    rel = s - reference(stats.m)[:, None]
+    u = jnp.where(s == NEG_INF, 0.0, jnp.log(stats.se)[:, None] - rel)
     au = jnp.where(rows.counted, a, 0.0)[:, None] * u
     w = 1.0 if target.w is None else target.w
     eps = arrays.label_smoothing if config.has_smoothing else 0.0

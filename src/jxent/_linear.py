@@ -273,7 +273,7 @@ def _scan(
         out = {"loss": loss, "ce": jnp.where(rows.counted, ce, 0.0), "lse": lse}
         if dots is not None:
             out["tangent"] = over_blocks(
-                lambda t, start, size: t + _tangent_block(c, rows, st, lse, start, size),
+                lambda t, start, size: t + _tangent_block(c, rows, st, start, size),
                 jnp.zeros((chunk,), acc),
             )
             return carry, out
@@ -282,9 +282,7 @@ def _scan(
 
         def grads(g: dict, start: Any, size: int) -> dict:
             w_b, s, ds, target, local, _ = logits_block(c, rows, start, size)
-            grad = _kernel.grad_block(
-                config, rows, local, s, ds, target, st.tsum, lse, c["a"], c["b_scale"]
-            )
+            grad = _kernel.grad_block(config, rows, local, s, ds, target, st, c["a"], c["b_scale"])
             g = dict(g)
             g_in = grad.astype(x.dtype)
             if want.x:
@@ -297,7 +295,7 @@ def _scan(
                 upd = lax.dynamic_slice_in_dim(g["db"], start, size) + jnp.sum(grad, axis=0)
                 g["db"] = lax.dynamic_update_slice_in_dim(g["db"], upd, start, axis=0)
             if want.labels or want.weights or want.eps:
-                coef = _kernel.label_coefficients(config, rows, local, s, target, lse, c["a"])
+                coef = _kernel.label_coefficients(config, rows, local, s, target, st, c["a"])
                 if want.labels:
                     g["dq"] = lax.dynamic_update_slice_in_dim(g["dq"], coef.labels, start, 1)
                 if want.weights:
@@ -315,18 +313,16 @@ def _scan(
         out |= {k: g[k] for k in ("dx", "dq") if g[k] is not None}
         return {k: g[k] for k in carry}, out
 
-    def _tangent_block(c: dict, rows: Rows, st: Any, lse: Any, start: Any, size: int) -> Any:
+    def _tangent_block(c: dict, rows: Rows, st: Any, start: Any, size: int) -> Any:
         # Checkpointed: reverse mode recomputes G_b instead of keeping an [N, L] residual.
-        def contract(x_c, x_dot_c, q_dot_c, lse, start):
+        def contract(x_c, x_dot_c, q_dot_c, st, start):
             cc = dict(c, x=x_c, x_dot=x_dot_c, q_dot=q_dot_c)
             _, s, ds, target, local, z_dot = logits_block(cc, rows, start, size, dot=True)
-            grad = _kernel.grad_block(
-                config, rows, local, s, ds, target, st.tsum, lse, c["a"], c["b_scale"]
-            )
+            grad = _kernel.grad_block(config, rows, local, s, ds, target, st, c["a"], c["b_scale"])
             out = jnp.sum(grad * z_dot, axis=1)
             coef = None
             if not (_zero(dots.labels) and _zero(dots.weights) and _zero(dots.eps)):
-                coef = _kernel.label_coefficients(config, rows, local, s, target, lse, c["a"])
+                coef = _kernel.label_coefficients(config, rows, local, s, target, st, c["a"])
             if config.soft and not _zero(dots.labels):
                 q_dot_b = lax.dynamic_slice_in_dim(q_dot_c, start, size, axis=1)
                 out = out + jnp.sum(coef.labels * q_dot_b, axis=1)
@@ -337,7 +333,7 @@ def _scan(
                 out = out + jnp.sum(coef.smoothing, axis=1) * dots.eps
             return out
 
-        return jax.checkpoint(contract)(c["x"], c.get("x_dot"), c.get("q_dot"), lse, start)
+        return jax.checkpoint(contract)(c["x"], c.get("x_dot"), c.get("q_dot"), st, start)
 
     carry = {}
     if want.w:

@@ -85,6 +85,7 @@ class _Forward(NamedTuple):
     rows: Rows
     s: jax.Array
     target: Target
+    stats: _kernel.Stats
     lse: jax.Array
     a: jax.Array
     b: jax.Array
@@ -123,10 +124,10 @@ def _forward(
     loss = per_row if config.reduction == "none" else jnp.sum(per_row)
     grad = None
     if with_grad:
-        grad = _kernel.grad_block(config, rows, arrays, s, ds, target, stats.tsum, lse, a, b)
+        grad = _kernel.grad_block(config, rows, arrays, s, ds, target, stats, a, b)
     mean_ce = jnp.sum(jnp.where(rows.counted, a * ce, 0.0))
     normaliser_sum = _kernel.denominator(rows.counted, n)
-    return _Forward(loss, grad, rows, s, target, lse, a, b, mean_ce, normaliser_sum)
+    return _Forward(loss, grad, rows, s, target, stats, lse, a, b, mean_ce, normaliser_sum)
 
 
 def _is_zero(tangent: Any) -> bool:
@@ -142,7 +143,7 @@ def _tangent(config: Config, fwd: _Forward, arrays: Arrays, tangents: tuple) -> 
     label_dots = (q_dot if config.soft else None, w_dot, eps_dot)
     if not all(_is_zero(t) for t in label_dots):
         coef = _kernel.label_coefficients(
-            config, fwd.rows, arrays, fwd.s, fwd.target, fwd.lse, fwd.a
+            config, fwd.rows, arrays, fwd.s, fwd.target, fwd.stats, fwd.a
         )
         if config.soft and not _is_zero(q_dot):
             per_row = per_row + jnp.sum(coef.labels * q_dot, axis=-1)
@@ -281,7 +282,7 @@ def loss_and_logits_grad(
     )
     fwd = _forward(problem.config, *problem.args, with_grad=True)
     grad = problem.layout.from_rows(fwd.grad).astype(jnp.asarray(logits).dtype)
-    return fwd.loss, grad
+    return _batch_shaped(problem, fwd.loss), grad
 
 
 def softmax_cross_entropy(
@@ -318,7 +319,12 @@ def softmax_cross_entropy(
     problem = _prepare(
         "softmax_cross_entropy", logits, labels, axis=axis, reduction=reduction, **options
     )
-    return _loss_fn(problem.config)(*problem.args)
+    return _batch_shaped(problem, _loss_fn(problem.config)(*problem.args))
+
+
+def _batch_shaped(problem: _Problem, loss: jax.Array) -> jax.Array:
+    """Per-example losses (``"none"``) in the examples' shape; a scalar stays a scalar."""
+    return loss.reshape(problem.layout.batch_shape) if loss.ndim else loss
 
 
 def logits_grad(
