@@ -20,7 +20,7 @@ import numpy as np
 
 from jxent import _fd
 from jxent._loss import softmax_cross_entropy
-from jxent._vjp import check_option_names
+from jxent._options import check_option_names
 
 PyTree = Any
 
@@ -211,7 +211,7 @@ def check_grads(
         >>> report.ok, report.diagnosis.kind
         (True, <Kind.OK: 'ok'>)
     """
-    check_option_names(loss_options)
+    check_option_names(loss_options, "check_grads")
     if fd not in ("entries", "directions"):
         raise ValueError(f"fd must be 'entries' or 'directions', found {fd!r}")
     candidate = grad_fn(params, x, labels)

@@ -28,11 +28,6 @@ PyTree = Any
 Predictor = Callable[[PyTree, Any], jax.Array]
 
 
-def check_option_names(options: dict[str, Any], function: str = "value_and_grad") -> None:
-    """Raises ``TypeError`` for a keyword that is not a loss option, naming ``function``."""
-    _options.check_option_names(options, function)
-
-
 class ValueAndGradFn(Protocol):
     """``f(params, x, labels, **options) -> (loss, grads)``."""
 
@@ -75,7 +70,7 @@ def value_and_grad(predictor: Predictor, **loss_options: Any) -> ValueAndGradFn:
         >>> grads["w"].shape
         (4, 3)
     """
-    check_option_names(loss_options)
+    _options.check_option_names(loss_options, "value_and_grad")
 
     @functools.wraps(predictor)
     def value_and_grad_fn(
@@ -96,7 +91,7 @@ def loss_grads_and_logits(
     call_options: dict[str, Any],
 ) -> tuple[jax.Array, PyTree, jax.Array]:
     """The one implementation behind :func:`value_and_grad` and the training step."""
-    check_option_names(call_options)
+    _options.check_option_names(call_options, "value_and_grad")
     logits, pullback = jax.vjp(lambda p: predictor(p, x), params)
     loss, cotangent = loss_and_logits_grad(logits, labels, **{**loss_options, **call_options})
     (grads,) = pullback(cotangent)

@@ -20,7 +20,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jxent._loss import softmax_cross_entropy
-from jxent._vjp import Predictor, check_option_names, loss_grads_and_logits
+from jxent._options import check_option_names
+from jxent._vjp import Predictor, loss_grads_and_logits
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -130,7 +131,7 @@ def make_step(
         >>> int(state.step)
         1
     """
-    check_option_names(loss_options)
+    check_option_names(loss_options, "make_step")
     if loss_options.get("reduction", "mean") == "none":
         raise ValueError("make_step needs a scalar loss: reduction 'mean' or 'sum'")
     model = predictor if compute_dtype is None else mixed_precision(predictor, compute_dtype)
