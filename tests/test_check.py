@@ -211,14 +211,14 @@ def test_report_renders_a_table():
     assert text.splitlines()[-1].startswith("FAIL") or "FAIL" in text
 
 
-def test_cli_check_passes_and_demo_mistakes_are_caught():
-    out = subprocess.run(
-        [sys.executable, "-m", "jxent", "check", "--demo-mistakes"], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    assert "every leaf is -1 x the gradient" in out.stdout
-    assert "every leaf is zero" in out.stdout
-    assert "batch size 8, summed instead of averaged" in out.stdout
+def test_cli_check_passes_and_demo_mistakes_are_caught(capsys):
+    from jxent._cli import main  # in-process: a subprocess would only add JAX's start-up
+
+    assert main(["check", "--demo-mistakes"]) == 0
+    stdout = capsys.readouterr().out
+    assert "every leaf is -1 x the gradient" in stdout
+    assert "every leaf is zero" in stdout
+    assert "batch size 8, summed instead of averaged" in stdout
 
 
 def test_cli_check_user_predictor_exit_codes(tmp_path):
