@@ -96,7 +96,6 @@ def _problem(key, soft, n=6, num_classes=5, dtype=jnp.float64):
 OPTION_SETS = [
     {},
     {"label_smoothing": 0.2},
-    {"z_loss": 0.3},
     {"logit_softcap": 1.5, "label_smoothing": 0.1},
     {"where": jnp.array([True, False, True, True, True, True]), "z_loss": 0.1},
 ]
