@@ -179,9 +179,6 @@ def test_bf16_at_256k_classes_accumulates_in_float32():
     for g16, g32 in ((dx16, dx32), (dw16, dw32)):
         err = float(jnp.max(jnp.abs(g16.astype(jnp.float32) - g32)))
         assert err <= 2**-8 * float(jnp.max(jnp.abs(g32))), err
-    # Why: a bf16 running sum of exps stalls at 256, where adding 1 no longer changes it.
-    stalled = jnp.bfloat16(256) + jnp.bfloat16(1)
-    assert float(stalled) == 256.0
 
 
 def _vocab_parallel(cases):
