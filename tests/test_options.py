@@ -254,32 +254,38 @@ def test_matches_optax_where_optax_has_the_option(key):
 # --- agreement with PyTorch (runs when torch is installed) -----------------------------------
 
 
-@pytest.mark.parametrize(
-    "opts",
-    [
-        {},
-        {"weights": True},
-        {"ignore_index": IGNORE},
-        {"label_smoothing": 0.15},
-        {"weights": True, "ignore_index": IGNORE, "label_smoothing": 0.15},
-    ],
-    ids=["plain", "weights", "ignore", "smoothing", "weights+ignore+smoothing"],
-)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("label_kind", ["int", "soft"])
-def test_matches_pytorch_cross_entropy(key, opts, reduction, label_kind):
-    torch = pytest.importorskip("torch")
-    if label_kind == "soft" and "ignore_index" in opts:
-        pytest.skip("PyTorch ignores ignore_index for probability targets")
-    logits = 3.0 * jax.random.normal(key, (B, L))
-    if label_kind == "int":
-        labels = jax.random.randint(jax.random.fold_in(key, 1), (B,), 0, L)
+TORCH_OPTIONS = {
+    "plain": {},
+    "weights": {"weights": True},
+    "ignore": {"ignore_index": IGNORE},
+    "smoothing": {"label_smoothing": 0.15},
+    "weights+ignore+smoothing": {"weights": True, "ignore_index": IGNORE, "label_smoothing": 0.15},
+}
+# PyTorch has no ignore_index for probability targets; "kdim" is its [N, C, d] layout (axis=1).
+TORCH_CASES = [
+    (name, reduction, kind)
+    for name in TORCH_OPTIONS
+    for reduction in ("mean", "sum", "none")
+    for kind in ("int", "soft", "kdim")
+    if not (kind == "soft" and "ignore" in name)
+]
+
+
+@pytest.mark.parametrize(("opts_name", "reduction", "label_kind"), TORCH_CASES)
+def test_matches_pytorch_cross_entropy_value_and_gradient(key, opts_name, reduction, label_kind):
+    torch = pytest.importorskip("torch")  # in the test extra: this never skips in CI
+    opts = TORCH_OPTIONS[opts_name]
+    shape, axis = ((B, L, 3), 1) if label_kind == "kdim" else ((B, L), -1)
+    logits = 3.0 * jax.random.normal(key, shape)
+    if label_kind == "soft":
+        labels = jax.random.dirichlet(jax.random.fold_in(key, 1), jnp.ones(L), (B,))
+        t_labels = torch.tensor(np.asarray(labels))
+    else:
+        batch = (B,) if label_kind == "int" else (B, 3)
+        labels = jax.random.randint(jax.random.fold_in(key, 1), batch, 0, L)
         if "ignore_index" in opts:
             labels = labels.at[jnp.array([1, 4])].set(IGNORE)
         t_labels = torch.tensor(np.asarray(labels), dtype=torch.long)
-    else:
-        labels = jax.random.dirichlet(jax.random.fold_in(key, 1), jnp.ones(L), (B,))
-        t_labels = torch.tensor(np.asarray(labels))
     kwargs = dict(opts)
     t_kwargs = {"reduction": reduction}
     if kwargs.pop("weights", False):
@@ -290,8 +296,11 @@ def test_matches_pytorch_cross_entropy(key, opts, reduction, label_kind):
         t_kwargs["ignore_index"] = kwargs["ignore_index"]
     if "label_smoothing" in kwargs:
         t_kwargs["label_smoothing"] = kwargs["label_smoothing"]
-    expected = torch.nn.functional.cross_entropy(
-        torch.tensor(np.asarray(logits)), t_labels, **t_kwargs
+    t_logits = torch.tensor(np.asarray(logits), requires_grad=True)
+    expected = torch.nn.functional.cross_entropy(t_logits, t_labels, **t_kwargs)
+    expected.sum().backward()
+    actual, grad = jxent.loss_and_logits_grad(
+        logits, labels, axis=axis, reduction=reduction, **kwargs
     )
-    actual = jxent.softmax_cross_entropy(logits, labels, reduction=reduction, **kwargs)
-    np.testing.assert_allclose(actual, expected.numpy(), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(actual, expected.detach().numpy(), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(grad, t_logits.grad.numpy(), rtol=1e-5, atol=1e-6)
