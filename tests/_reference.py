@@ -90,3 +90,7 @@ def assert_tree_close(actual, expected, rtol):
 FLOAT32_RTOL = 1e-5
 FLOAT64_RTOL = 1e-10
 FD_RTOL = 1e-6
+# bfloat16 inputs (gradients computed in float32, returned in bf16): bf16 keeps 8 significant
+# bits, so rounding the inputs and the result each costs up to 2^-8 = 3.9e-3 relative to the
+# largest entry; 2^-7 covers both. A wrong sign, scale or missing term is off by O(1).
+BF16_RTOL = 2.0**-7

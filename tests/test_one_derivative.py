@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import jxent
-from _reference import reference_loss
+from _reference import BF16_RTOL, reference_loss
 
 INT_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
 
@@ -411,3 +411,44 @@ def test_tuple_axis_matches_optax(x64, key):
 def test_bad_axes_masks_and_empty_vocabularies_are_named(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+# --- Found by trying to break it: bf16 gradients, zero class weights, tuple-axis order ------
+
+
+@pytest.mark.parametrize("num_classes", [6, 64, 3000])  # one block, one ragged block, 2 blocks
+def test_bf16_gradient_of_linear_cross_entropy_for_any_vocabulary(num_classes):
+    k1, k2 = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(k1, (16, 32)).astype(jnp.bfloat16)
+    w = (jax.random.normal(k2, (32, num_classes)) / 6).astype(jnp.bfloat16)
+    y = jnp.arange(16) % num_classes
+    got = jax.jit(jax.grad(jxent.linear_cross_entropy, (0, 1)))(x, w, y)
+    up = lambda a: a.astype(jnp.float32)
+    want = jax.grad(lambda x, w: reference_loss(x @ w, y), (0, 1))(up(x), up(w))
+    for g, r in zip(got, want):
+        assert g.dtype == jnp.bfloat16
+        _close(up(g), r, BF16_RTOL)
+
+
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.2}], ids=["plain", "smoothing"])
+def test_hessian_with_respect_to_class_weights_one_of_them_zero(x64, opts):
+    x = jnp.array([[1.0, -0.5, 0.3], [0.2, 0.8, -1.0]])
+    y, cw = jnp.array([1, 2]), jnp.array([0.5, 0.0, 2.0])
+    want = jax.hessian(lambda w: reference_loss(x, y, weights=w, **opts))(cw)
+    got = jax.hessian(lambda w: jxent.softmax_cross_entropy(x, y, weights=w, **opts))(cw)
+    _close(got, want, 1e-12)
+    chunked = lambda w: jxent.linear_cross_entropy(jnp.eye(2), x, y, weights=w, **opts)
+    _close(jax.hessian(chunked)(cw), want, 1e-12)
+
+
+def test_tuple_axis_is_flattened_in_the_order_given_as_optax(x64):
+    logits = jax.random.normal(jax.random.key(0), (2, 2, 3), jnp.float64)
+    y = jnp.array([1, 4])
+    got = jxent.softmax_cross_entropy(logits, y, axis=(2, 1), reduction="none")
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, y, axis=(2, 1))
+    _close(got, want)
+    g = jxent.logits_grad(logits, y, axis=(2, 1), reduction="sum")
+    g_ref = jax.grad(
+        lambda z: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, y, axis=(2, 1)))
+    )(logits)
+    _close(g, g_ref)

@@ -198,7 +198,10 @@ def block_stats(s: jax.Array, t: jax.Array) -> Stats:
     """Statistics of one block ``s, t`` ``[R, size]``; the max is constant for autodiff."""
     m = lax.stop_gradient(jnp.max(s, axis=-1))
     rel = s - reference(m)[:, None]
-    tds = jnp.sum(jnp.where(t == 0, 0.0, t * rel), axis=-1)
+    # Guarded on s, not on t: the derivative with respect to t (class weights at 0, a hessian)
+    # must survive; target mass on a -inf score makes the row's loss +inf.
+    tds = jnp.sum(t * jnp.where(s == NEG_INF, 0.0, rel), axis=-1)
+    tds = jnp.where(jnp.any((s == NEG_INF) & (t != 0), axis=-1), NEG_INF, tds)
     return Stats(m, jnp.sum(jnp.exp(rel), axis=-1), tds, jnp.sum(t, axis=-1))
 
 
@@ -206,9 +209,8 @@ def rebase(stats: Stats, m: jax.Array) -> Stats:
     """The same statistics relative to a new max ``m >= stats.m`` (``m`` may come from pmax)."""
     ref = reference(m)
     factor = jnp.where(stats.m == NEG_INF, 0.0, jnp.exp(stats.m - ref))
-    shift = reference(stats.m) - ref
-    tds = stats.tds + jnp.where(stats.tsum == 0, 0.0, stats.tsum * shift)
-    return Stats(m, stats.se * factor, tds, stats.tsum)
+    shift = reference(stats.m) - ref  # finite: both references are
+    return Stats(m, stats.se * factor, stats.tds + stats.tsum * shift, stats.tsum)
 
 
 def merge(a: Stats, b: Stats) -> Stats:
@@ -225,7 +227,7 @@ def finish(stats: Stats) -> tuple[jax.Array, jax.Array, jax.Array]:
     """
     log_se = jnp.log(stats.se)
     empty = stats.m == NEG_INF
-    ce = jnp.where(stats.tsum == 0, 0.0, stats.tsum * log_se) - stats.tds
+    ce = stats.tsum * jnp.where(empty, 0.0, log_se) - stats.tds
     return reference(stats.m) + log_se, ce, empty
 
 

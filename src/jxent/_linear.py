@@ -286,10 +286,10 @@ def _scan(
             g = dict(g)
             g_in = grad.astype(x.dtype)
             if want.x:
-                g["dx"] = g["dx"] + jnp.dot(g_in, w_b.T, preferred_element_type=acc)
+                g["dx"] = g["dx"] + _matmul(g_in, w_b.T, acc)
             if want.w:
                 upd = lax.dynamic_slice_in_dim(g["dw"], start, size, axis=1)
-                upd = upd + jnp.dot(c["x"].T, g_in, preferred_element_type=acc)
+                upd = upd + _matmul(c["x"].T, g_in, acc)
                 g["dw"] = lax.dynamic_update_slice_in_dim(g["dw"], upd, start, axis=1)
             if want.b:
                 upd = lax.dynamic_slice_in_dim(g["db"], start, size) + jnp.sum(grad, axis=0)
@@ -347,6 +347,17 @@ def _scan(
     carry, outs = lax.scan(body, carry, (per_token, jnp.zeros((chunks,), jnp.int32)))
     result = {k: v.reshape(-1, *v.shape[2:])[:num_tokens] for k, v in outs.items()}
     return result | carry
+
+
+def _matmul(a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
+    """``a @ b`` accumulated in ``acc``; bf16 operands go up to ``acc`` first on CPU.
+
+    XLA:CPU converts bf16 matmuls to float32 anyway, and its DotThunk cannot run some
+    bf16 x bf16 -> f32 products outside a loop ("Unsupported element type").
+    """
+    if a.dtype != acc and jax.default_backend() == "cpu":
+        a, b = a.astype(acc), b.astype(acc)
+    return jnp.dot(a, b, preferred_element_type=acc)
 
 
 def _merge_shards(stats: _kernel.Stats, axis_name: str) -> _kernel.Stats:

@@ -56,9 +56,9 @@ def check_logits(logits: jax.Array, axis: int | tuple[int, ...], name: str = "lo
         raise ValueError(f"axis={axis} names an axis twice")
     batch = tuple(i for i in range(logits.ndim) if i not in axes)
     layout = Layout(
-        batch + tuple(sorted(axes)),
+        batch + axes,  # class axes flattened in the order given, as optax does
         tuple(logits.shape[i] for i in batch),
-        tuple(logits.shape[i] for i in sorted(axes)),
+        tuple(logits.shape[i] for i in axes),
     )
     if layout.num_classes == 0:
         raise ValueError(
