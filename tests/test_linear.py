@@ -103,9 +103,11 @@ def test_chunk_sizes_and_labels_at_every_chunk_boundary(x64, key, small_vocab_bl
     # Every token's label sits on a vocabulary-block edge (0, 4, 5, 9, 10, ..., L-1).
     edges = jnp.array(sorted({0, L - 1} | {e for k in range(0, L, 5) for e in (k, k - 1)} - {-1}))
     y = edges[jnp.arange(N) % edges.size]
-    loss, grads = jax.value_and_grad(
-        lambda x, w, b: jxent.linear_cross_entropy(x, w, y, bias=b, chunk_size=chunk),
-        argnums=(0, 1, 2),
+    loss, grads = jax.jit(
+        jax.value_and_grad(
+            lambda x, w, b: jxent.linear_cross_entropy(x, w, y, bias=b, chunk_size=chunk),
+            argnums=(0, 1, 2),
+        )
     )(x, w, b)
     ref_loss, ref_grads = jax.value_and_grad(
         lambda x, w, b: reference_loss(x @ w + b[None], y), argnums=(0, 1, 2)
@@ -227,7 +229,7 @@ def test_vocab_block_sizes_including_ragged_and_larger_than_l(x64, key, block):
     f = lambda x, w, b: jxent.linear_cross_entropy(
         x, w, y, bias=b, chunk_size=16, vocab_block_size=block, label_smoothing=0.1
     )
-    loss, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, b)
+    loss, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, w, b)
     ref_loss, ref_grads = jax.value_and_grad(
         lambda x, w, b: reference_loss(x @ w + b[None], y, label_smoothing=0.1), argnums=(0, 1, 2)
     )(x, w, b)

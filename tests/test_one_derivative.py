@@ -43,6 +43,8 @@ def test_every_integer_label_dtype_gives_the_int32_answer(x64, dtype):
     _close(jxent.softmax_cross_entropy(logits, labels), want_loss)  # eagerly checked
     _close(jxent.logits_grad(logits, labels), want_grad)
     _close(jax.jit(jax.grad(jxent.softmax_cross_entropy))(logits, labels), want_grad)
+    if dtype not in ("int8", "uint8", "uint16", "int64"):  # the compiled paths: one of a kind
+        return
     _close(jxent.checked(jxent.softmax_cross_entropy)(logits, labels), want_loss)
     # The chunked path: x = I makes x @ w the logits.
     eye, w = jnp.eye(len(values), dtype=jnp.float64), logits
