@@ -221,8 +221,13 @@ def loss_and_logits_grad(
     normaliser :math:`\sum_i m_i n_i`, where :math:`m_i` is 1 for counted examples (``where`` true,
     label not ``ignore_index``) and :math:`n_i = w_{y_i}` for integer labels with ``weights``, else
     1. This is PyTorch's ``F.cross_entropy`` convention, including for probability labels (which
-    divide by the count). When the normaliser is 0 (every example masked) the mean is 0 and the
-    gradient is zero, never NaN. The z-loss term is added per counted example before reducing.
+    divide by the count). The z-loss term of the mean is averaged over counted examples without
+    class weights (Liger Kernel's ``CrossEntropyWithZLoss``). When the normaliser is 0 (every
+    example masked) the mean is 0 and the gradient is zero, never NaN.
+
+    Derivative: :func:`softmax_cross_entropy` is a ``jax.custom_jvp`` whose tangent is this
+    gradient (plus the hand-derived terms for probability labels, class weights,
+    ``label_smoothing`` and ``z_loss``), so every autodiff mode uses it; ``docs/derivation.md``.
 
     Dtypes: integer labels are class indices of shape ``logits.shape`` without ``axis``;
     floating labels are probabilities of the logits' shape. bfloat16/float16 logits are computed
@@ -233,19 +238,24 @@ def loss_and_logits_grad(
     NaN (so a ``"mean"``/``"sum"`` loss is NaN too) and every other row is unaffected; wrap the
     function in :func:`jxent.checked` to raise instead. A target whose logit is ``-inf`` gives a
     ``+inf`` loss with a finite gradient; ``-inf`` logits of non-target classes get exactly zero
-    gradient.
+    probability and gradient (also with a soft cap), and label smoothing puts no mass on them.
 
     Args:
         logits: Scores, floating, of shape ``[..., L, ...]`` with classes along ``axis``.
         labels: Integer class indices (shape of ``logits`` without ``axis``) or probabilities
             (shape of ``logits``).
-        axis: The class axis.
+        axis: The class axis, or a tuple of axes flattened in that order (optax).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         weights: Per-class weights ``[L]`` (PyTorch ``weight=``).
-        where: Boolean mask over examples; ``False`` examples contribute nothing.
-        ignore_index: Integer label value whose examples contribute nothing (integer labels only).
-        label_smoothing: :math:`\varepsilon \in [0, 1]`, PyTorch semantics.
-        z_loss: Coefficient :math:`z \ge 0` of the :math:`\operatorname{lse}^2` penalty (PaLM).
+        where: Boolean mask: with the examples' shape, ``False`` examples contribute nothing;
+            broadcastable to the logits' shape (optax), ``False`` classes leave the softmax (a
+            label on such a class gives ``+inf``), and an example with none left does not count.
+        ignore_index: Integer label value whose examples contribute nothing (integer labels only;
+            a value the labels' dtype cannot hold ignores nothing).
+        label_smoothing: :math:`\varepsilon \in [0, 1]`, PyTorch semantics; may be traced (out of
+            range under ``jit``: NaN).
+        z_loss: Coefficient :math:`z \ge 0` of the :math:`\operatorname{lse}^2` penalty (PaLM);
+            may be traced.
         logit_softcap: Soft cap :math:`c > 0` (Gemma), or ``None``.
 
     Returns:
