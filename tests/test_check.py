@@ -1,8 +1,6 @@
 """The gradient checker: it passes correct gradients and names what is wrong with wrong ones."""
 
 import functools
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -221,7 +219,9 @@ def test_cli_check_passes_and_demo_mistakes_are_caught(capsys):
     assert "batch size 8, summed instead of averaged" in stdout
 
 
-def test_cli_check_user_predictor_exit_codes(tmp_path):
+def test_cli_check_user_predictor_exit_codes(tmp_path, monkeypatch, capsys):
+    from jxent._cli import main  # in-process, with the module's folder on the path
+
     (tmp_path / "mymodel.py").write_text(
         "import jax, jax.numpy as jnp\n"
         "def init(key):\n    return {'w': jax.random.normal(key, (3, 4))}\n"
@@ -230,11 +230,10 @@ def test_cli_check_user_predictor_exit_codes(tmp_path):
         "bad.defvjp(lambda z: (z, None), lambda _, g: (-g,))\n"
         "def bad_apply(p, x):\n    return bad(x @ p['w'])\n"
     )
-    base = [sys.executable, "-m", "jxent", "check", "--init", "mymodel:init", "--features", "3"]
-    env_cwd = {"cwd": tmp_path, "capture_output": True, "text": True}
-    good = subprocess.run([*base, "--predictor", "mymodel:apply"], **env_cwd)
-    assert good.returncode == 0, good.stdout + good.stderr
-    assert "PASS" in good.stdout
-    bad = subprocess.run([*base, "--predictor", "mymodel:bad_apply"], **env_cwd)
-    assert bad.returncode == 1
-    assert "FAIL" in bad.stdout
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = ["check", "--init", "mymodel:init", "--features", "3"]
+    assert main([*base, "--predictor", "mymodel:apply"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main([*base, "--predictor", "mymodel:bad_apply"]) == 1
+    assert "FAIL" in capsys.readouterr().out

@@ -200,9 +200,9 @@ def _vocab_parallel(cases):
 
 
 def test_vocab_parallel_on_8_cpu_devices_equals_the_reference():
-    """Three cases that together cover every reduction, label kind and option."""
-    errors = _vocab_parallel(["mean-int-options", "sum-plain", "none-soft-options"])
-    assert len(errors) == 3
+    """Two cases that together cover every option, both label kinds, mean and none."""
+    errors = _vocab_parallel(["mean-int-options", "none-soft-options"])
+    assert len(errors) == 2
     for case, err in errors.items():
         assert err <= 1e-12, (case, err)
 
