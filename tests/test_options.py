@@ -82,7 +82,7 @@ def test_option_gradients_match_autodiff_and_fd(x64, key, predictor, label_kind,
 
     np.testing.assert_allclose(loss, jax.jit(ref)(params), rtol=1e-12)
     assert_tree_close(hand, jax.jit(jax.grad(ref))(params), FLOAT64_RTOL)
-    if len(combo) == 1:  # finite differences per option; pairs against jax.grad above
+    if len(combo) == 1 and predictor == "mlp":  # finite differences once per option
         assert_tree_close(hand, jxent.finite_difference_grad(ref, params), FD_RTOL)
 
 

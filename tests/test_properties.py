@@ -99,7 +99,7 @@ def test_rows_sum_to_zero_and_loss_is_nonnegative(spec):
         np.testing.assert_allclose(np.sum(g, axis=-1), 0.0, atol=1e-12)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     problems(max_batch=13, max_classes=11),
     st.integers(1, 8),
