@@ -120,8 +120,7 @@ def _prepare(
         num_classes=num_classes,
         soft=soft,
         compute_dtype=acc,
-        reduction=options.pop("reduction", "mean"),
-        **{k: options.get(k, d) for k, d in _DEFAULTS.items()},
+        **options,
     )
     if row_mask is None:
         row_mask = jnp.ones((num_tokens,), bool)
@@ -133,15 +132,6 @@ def _prepare(
     rows = rows._replace(bad=rows.bad | _options.bad_option(config, arrays))
     b = jnp.zeros((num_classes,), w.dtype) if bias is None else jnp.asarray(bias)
     return config, _Args(x, w, b, *rows, *arrays)
-
-
-_DEFAULTS = {
-    "weights": None,
-    "ignore_index": None,
-    "label_smoothing": 0.0,
-    "z_loss": 0.0,
-    "logit_softcap": None,
-}
 
 
 def _check_shapes(x: jax.Array, w: jax.Array, bias: ArrayLike | None) -> tuple[int, int]:
