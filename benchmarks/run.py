@@ -1,6 +1,10 @@
 """jxent benchmarks: one run, interleaved variants, ratios against baselines measured alongside.
 
-    python -m benchmarks [--quick] [--name NAME] [--out DIR] [--readme]
+    python -m benchmarks [--quick | --full] [--name NAME] [--out DIR] [--readme]
+
+Modes: the default covers every workload, variant and dtype (7 rounds, sweeps over 3 vocabulary
+sizes and 2 token counts); ``--full`` takes 15 rounds and 6 + 4 sweep points (about 25 minutes on
+a 2-core machine); ``--quick`` is a smoke run at tiny shapes that writes to ``build/benchmarks``.
 
 Per workload and dtype, every variant is compiled (JAX: ``lower().compile()``, timed separately)
 and warmed up, then timed round-robin -- one call of each variant per round, in a fresh seeded
@@ -11,8 +15,8 @@ hits all variants alike; median/min/max are reported. The machine's float32 matm
 the best round is the peak (reported with the rounds' medians), and each workload's matmul
 FLOP/s is reported as a fraction of it. Large-vocabulary variants run one per
 process (``benchmarks/vocab.py``) so their peak memory is their own. Results: JSON (figures,
-versions, machine), PNG plots and a Markdown table under ``benchmarks/results/``; ``--readme``
-splices the table into README.md.
+versions, machine, wall time), PNG plots and a Markdown table under ``benchmarks/results/``;
+``--readme`` splices the table into README.md.
 """
 
 from __future__ import annotations
@@ -259,12 +263,32 @@ TORCH_VOCAB = [
 ]
 
 
-def run_all(quick: bool, repeats: int) -> dict[str, Any]:
+# What each mode times. "default" covers every workload, variant and dtype of "full" with fewer
+# rounds and a shorter sweep; "quick" is a smoke run at tiny shapes (the slow test tier runs it).
+MODES: dict[str, dict[str, Any]] = {
+    "quick": {"repeats": 3, "vocab_repeats": 3, "sweep_L": [2048], "sweep_N": [256]},
+    "default": {
+        "repeats": 7,
+        "vocab_repeats": 5,
+        "sweep_L": [8192, 65536, 262144],
+        "sweep_N": [1024, 4096],
+    },
+    "full": {
+        "repeats": 15,
+        "vocab_repeats": 7,
+        "sweep_L": [1024, 8192, 32768, 65536, 131072, 262144],
+        "sweep_N": [512, 1024, 2048, 4096],
+    },
+}
+
+
+def run_all(mode: str, repeats: int) -> dict[str, Any]:
+    quick = mode == "quick"
     have_torch = machine()["torch"] is not None
     s = (lambda full, small: small) if quick else (lambda full, small: full)
     peak_run, peak_flops = matmul_peak_run(s(2048, 256))
     peak_run()
-    out: dict[str, Any] = {"machine": machine(), "quick": quick, "repeats": repeats}
+    out: dict[str, Any] = {"machine": machine(), "mode": mode, "repeats": repeats}
     workloads = []
     for dtype in (jnp.float32, jnp.bfloat16):
         b, d, vocab = s(4096, 64), s(512, 32), s(1000, 50)
@@ -295,7 +319,7 @@ def run_all(quick: bool, repeats: int) -> dict[str, Any]:
     out["workloads"] = workloads
     out["matmul_peak"] = peak_summary([w.pop("peak_round") for w in workloads], peak_flops)
     out["matmul_peak_gflops"] = out["matmul_peak"]["gflops"]
-    vocab_repeats = 3 if quick else 7
+    vocab_repeats = MODES[mode]["vocab_repeats"]
     n, d, vocab = s(2048, 64), s(512, 32), s(65536, 4096)
     print(f"large vocabulary N={n} D={d} L={vocab}, one process per variant ...", flush=True)
     variants = JAX_VOCAB + (TORCH_VOCAB if have_torch else [])
@@ -308,13 +332,14 @@ def run_all(quick: bool, repeats: int) -> dict[str, Any]:
         n, d, vocab, "float32", ["jxent.vocab_parallel (8 CPU devices)"], vocab_repeats
     )
     out["vocab_flops"] = 6.0 * n * d * vocab
-    sweep_l = s([1024, 8192, 32768, 65536, 131072, 262144], [2048])
+    sweep_l = MODES[mode]["sweep_L"]
     print(f"sweep over L {sweep_l} ...", flush=True)
     out["sweep_L"] = []
     for vocab_l in sweep_l:
+        # The materialised variant only up to 128k classes: 2048 x 262144 float32 is 2 GiB a copy.
         chosen = JAX_VOCAB[::2] if vocab_l <= s(131072, 0) else JAX_VOCAB[2:]
         out["sweep_L"] += vocab_rows(n, d, vocab_l, "float32", chosen, 3)
-    sweep_n = s([512, 1024, 2048, 4096], [256])
+    sweep_n = MODES[mode]["sweep_N"]
     print(f"sweep over N {sweep_n} ...", flush=True)
     out["sweep_N"] = []
     for tokens in sweep_n:
@@ -417,29 +442,42 @@ def plots(res: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, under a minute")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="smoke run at tiny shapes (~30 s)")
+    group.add_argument(
+        "--full", action="store_true", help="15 rounds and the long sweeps (~25 min on 2 cores)"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (mode default)")
     parser.add_argument("--name", default=None, help="result name (default: backend-cores)")
-    parser.add_argument("--out", default=str(ROOT / "results"), help="output folder")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default benchmarks/results; build/benchmarks for --quick, which "
+        "git ignores, so a smoke run leaves the tree clean)",
+    )
     parser.add_argument("--readme", action="store_true", help="splice the table into README.md")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 15)
-    res = run_all(args.quick, repeats)
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    repeats = args.repeats or MODES[mode]["repeats"]
+    start = time.perf_counter()
+    res = run_all(mode, repeats)
+    res["wall_s"] = time.perf_counter() - start
     name = args.name or f"{jax.default_backend()}-{os.cpu_count()}cores" + (
-        "-quick" if args.quick else ""
+        "" if mode == "default" else f"-{mode}"
     )
-    out = Path(args.out)
+    default_out = ROOT.parent / "build" / "benchmarks" if mode == "quick" else ROOT / "results"
+    out = Path(args.out) if args.out else default_out
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(res, indent=2))
     table = markdown(res)
     (out / f"{name}.md").write_text(table)
     plots(res, out / f"{name}.png")
     print(table)
-    print(f"written: {out / name}.json, .md, .png")
+    print(f"written: {out / name}.json, .md, .png ({mode} run, {res['wall_s'] / 60:.1f} min)")
     if args.readme:
         readme = ROOT.parent / "README.md"
         text = readme.read_text()
-        start, end = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
-        head, rest = text.split(start)
-        tail = rest.split(end)[1]
-        readme.write_text(f"{head}{start}\n{table}{end}{tail}")
+        start_tag, end_tag = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+        head, rest = text.split(start_tag)
+        tail = rest.split(end_tag)[1]
+        readme.write_text(f"{head}{start_tag}\n{table}{end_tag}{tail}")

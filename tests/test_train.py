@@ -103,7 +103,7 @@ def test_fit_is_deterministic_and_reports_history():
     p2, h2 = jxent.train.fit(mlp.apply, params, optax.adam(1e-2), data, **kwargs)
     assert [r["epoch"] for r in h1] == [1, 2, 3]
     assert seen == h1
-    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in h]
     assert strip(h1) == strip(h2)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_array_equal(a, b)
@@ -140,14 +140,32 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert lines[-1].startswith("test accuracy: ")
     assert lines[-1].endswith("%")
     assert "PASS" in stdout
+    assert "first step" in stdout
+    assert "ms per step" in stdout
     record = json.loads((out_dir / "history.json").read_text())
     assert len(record["history"]) == 3
     assert record["config"]["epochs"] == 3
+    # compilation (in the first step) is reported apart from the steady-state step time
+    assert 0 < record["steady_step_seconds"] < record["first_step_seconds"]
+    assert record["first_step_seconds"] < record["train_seconds"]
     png = (out_dir / "training.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
 
     assert matplotlib.image.imread(out_dir / "training.png").shape[2] in (3, 4)
+
+
+def test_step_times_separate_the_first_step_from_the_steady_state():
+    from jxent._demo import step_times
+
+    history = [
+        {"train_seconds": 3.0, "first_step_seconds": 2.0},  # 10 steps: 1 s for the other 9
+        {"train_seconds": 0.5},
+        {"train_seconds": 0.3},
+    ]
+    first, per_step = step_times(history, 10)
+    assert first == 2.0
+    assert per_step == pytest.approx(0.05)  # median of 1/9, 0.05 and 0.03 s per step
 
 
 def test_demo_no_plot_flag(tmp_path):

@@ -410,7 +410,7 @@ def _loss_fn(config: Config, sched: _Schedule) -> Any:
         return _reduce(config, out["loss"]), tangent.astype(out["loss"].dtype)
 
     loss_fn.defjvp(loss_jvp, symbolic_zeros=True)
-    return loss_fn
+    return jax.jit(loss_fn)  # one compiled program for eager calls, as in _loss._loss_fn
 
 
 def _reduce(config: Config, per_token: jax.Array) -> jax.Array:

@@ -179,7 +179,20 @@ def _loss_fn(config: Config) -> Any:
         return fwd.loss, _tangent(config, fwd, Arrays(*primals[5:]), tangents)
 
     loss_fn.defjvp(loss_jvp, symbolic_zeros=True)
-    return loss_fn
+    # jit: an eager call runs one compiled program instead of dispatching op by op (2-3x faster
+    # on first calls); inside a caller's jit or transformation it is one more nested call.
+    return jax.jit(loss_fn)
+
+
+@functools.lru_cache(maxsize=256)
+def _loss_and_grad_fn(config: Config) -> Any:
+    """The loss and :math:`G` for one static config, jitted like :func:`_loss_fn`."""
+
+    def loss_and_grad(*args: Any) -> tuple[jax.Array, jax.Array]:
+        fwd = _forward(config, *args, with_grad=True)
+        return fwd.loss, fwd.grad
+
+    return jax.jit(loss_and_grad)
 
 
 def loss_and_logits_grad(
@@ -290,9 +303,9 @@ def loss_and_logits_grad(
         z_loss=z_loss,
         logit_softcap=logit_softcap,
     )
-    fwd = _forward(problem.config, *problem.args, with_grad=True)
-    grad = problem.layout.from_rows(fwd.grad).astype(jnp.asarray(logits).dtype)
-    return _batch_shaped(problem, fwd.loss), grad
+    loss, grad = _loss_and_grad_fn(problem.config)(*problem.args)
+    grad = problem.layout.from_rows(grad).astype(jnp.asarray(logits).dtype)
+    return _batch_shaped(problem, loss), grad
 
 
 def softmax_cross_entropy(
@@ -368,5 +381,5 @@ def logits_grad(
         [[-0.5  0.5]]
     """
     problem = _prepare("logits_grad", logits, labels, axis=axis, reduction=reduction, **options)
-    fwd = _forward(problem.config, *problem.args, with_grad=True)
-    return problem.layout.from_rows(fwd.grad).astype(jnp.asarray(logits).dtype)
+    grad = _loss_and_grad_fn(problem.config)(*problem.args)[1]
+    return problem.layout.from_rows(grad).astype(jnp.asarray(logits).dtype)
