@@ -1,6 +1,9 @@
 """The gradient checker: it passes correct gradients and names what is wrong with wrong ones."""
 
 import functools
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +217,8 @@ def test_cli_check_passes_and_demo_mistakes_are_caught(capsys):
 
     assert main(["check", "--demo-mistakes"]) == 0
     stdout = capsys.readouterr().out
+    assert "Each report below is EXPECTED to say FAIL" in stdout  # exit 0 explained
+    assert stdout.count("(a FAIL is expected)") == 3
     assert "every leaf is -1 x the gradient" in stdout
     assert "every leaf is zero" in stdout
     assert "batch size 8, summed instead of averaged" in stdout
@@ -230,10 +235,38 @@ def test_cli_check_user_predictor_exit_codes(tmp_path, monkeypatch, capsys):
         "bad.defvjp(lambda z: (z, None), lambda _, g: (-g,))\n"
         "def bad_apply(p, x):\n    return bad(x @ p['w'])\n"
     )
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # found from the current directory alone, as the docs say
+    monkeypatch.setattr(sys, "path", list(sys.path))  # restored after the test
     base = ["check", "--init", "mymodel:init", "--features", "3"]
     assert main([*base, "--predictor", "mymodel:apply"]) == 0
     assert "PASS" in capsys.readouterr().out
     assert main([*base, "--predictor", "mymodel:bad_apply"]) == 1
     assert "FAIL" in capsys.readouterr().out
+    # load failures: exit code 2 and one line on stderr naming what failed
+    for spec, message in [
+        ("mymodel:nope", "module 'mymodel' has no attribute 'nope'"),
+        ("no_such_module:apply", "cannot import module 'no_such_module'"),
+        ("mymodel", "expected module:function"),
+    ]:
+        assert main([*base, "--predictor", spec]) == 2
+        err = capsys.readouterr().err
+        assert message in err
+        assert err.count("\n") == 1
+
+
+def test_console_script_imports_the_users_module_from_the_current_directory(tmp_path):
+    # The installed `jxent` script (not `python -m jxent`) has bin/ first on sys.path: the bug
+    # was a ModuleNotFoundError traceback. Exit code 2 names the missing function, which proves
+    # the module itself was imported, without running a check.
+    (tmp_path / "cwdmodel.py").write_text("def init(key):\n    return {}\n")
+    script = Path(sys.executable).parent / "jxent"
+    out = subprocess.run(
+        [str(script), "check", "--predictor", "cwdmodel:apply", "--init", "cwdmodel:init",
+         "--features", "3"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert (
+        out.stderr
+        == "jxent check: module 'cwdmodel' has no attribute 'apply' (from 'cwdmodel:apply')\n"
+    )

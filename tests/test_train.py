@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,23 +112,49 @@ def test_fit_is_deterministic_and_reports_history():
     assert set(h1[0]) >= {"train_loss", "train_accuracy", "eval_loss", "eval_accuracy"}
 
 
-def test_sharded_step_equals_single_device_on_8_cpu_devices():
+def _launch(devices: int, *args: str) -> subprocess.Popen:
     env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
     )
-    out = subprocess.run(
-        [sys.executable, str(HERE / "scripts" / "sharded_train.py")],
-        capture_output=True,
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "scripts" / "sharded_train.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=300,
     )
-    assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout)
-    # Same math, different reduction order across 8 shards: float32 tolerance.
-    np.testing.assert_allclose(res["sharded"]["losses"], res["single"]["losses"], rtol=1e-5)
-    for a, b in zip(res["sharded"]["params"], res["single"]["params"]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_data_parallel_steps_on_8_devices_and_on_2_processes_equal_one_device():
+    """1 process x 8 devices, and 2 processes x 4 devices (jax.distributed on localhost, each
+    with its half of the batch), give the 5 steps of one device: one test, three processes."""
+    port = str(_free_port())
+    procs = [_launch(8), _launch(4, "0", "2", port), _launch(4, "1", "2", port)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    res = json.loads(outs[0][0].splitlines()[-1]) | json.loads(outs[1][0].splitlines()[-1])
+    # Same math, different reduction order across shards: float32 tolerance.
+    for run in ("sharded", "multiprocess"):
+        np.testing.assert_allclose(res[run]["losses"], res["single"]["losses"], rtol=1e-5)
+        for a, b in zip(res[run]["params"], res["single"]["params"]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # and the masked loss is what the plain loss gives on the first batch
+    x = jax.random.normal(jax.random.key(1), (5, 32, 12))[0]
+    y = jax.random.randint(jax.random.key(2), (5, 32), 0, 5)[0]
+    params = mlp.init(jax.random.key(0), [12, 16, 5])
+    want = reference_loss(
+        mlp.apply(params, x), y, where=jnp.arange(32) % 8 != 3, label_smoothing=0.1
+    )
+    np.testing.assert_allclose(res["single"]["losses"][0], want, rtol=1e-5)
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

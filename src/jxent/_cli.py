@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,22 +59,55 @@ def _check_user(args: argparse.Namespace) -> bool:
 
 
 def _demo_mistakes() -> bool:
+    print(
+        "Three deliberately wrong gradients of the linear predictor, each checked like yours.\n"
+        "Each report below is EXPECTED to say FAIL, with the diagnosis; the command succeeds\n"
+        "(exit 0) when all three are caught, and fails (exit 1) if one slips through.\n"
+    )
     apply, params, x, y = builtin_instances(jax.random.key(0), jnp.float32)["linear"]
     caught = True
     for title, wrong in MISTAKES.items():
         report = check_grads(wrong, apply, params, x, y)
-        print(f"== {title}")
+        print(f"== {title} (a FAIL is expected)")
         print(report, end="\n\n")
         caught &= not report.ok
-    print("all three mistakes caught and diagnosed" if caught else "a mistake was NOT caught")
+    print(
+        "all three mistakes caught and diagnosed: the FAILs above are the checker working"
+        if caught
+        else "a mistake was NOT caught"
+    )
     return caught
 
 
+class LoadError(Exception):
+    """A ``module:function`` the CLI could not load (exit code 2, distinct from a failed check)."""
+
+
 def _load(spec: str) -> Callable[..., Any]:
-    module, sep, name = spec.partition(":")
-    if not sep:
-        raise SystemExit(f"expected module:function, found {spec!r}")
-    return getattr(importlib.import_module(module), name)
+    """Imports ``module:function``, from the current directory first (as ``python -m`` does)."""
+    module_name, sep, name = spec.partition(":")
+    if not (sep and module_name and name):
+        raise LoadError(f"expected module:function (e.g. mymodel:apply), found {spec!r}")
+    # The console script's sys.path starts with its own bin/ folder, not the current directory:
+    # put the working directory first so `jxent check --predictor mymodel:apply` finds mymodel.py.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # any failure while importing the user's module is a load failure
+        raise LoadError(
+            f"cannot import module {module_name!r} (from {spec!r}, searched from "
+            f"{os.getcwd()}): {type(err).__name__}: {err}"
+        ) from err
+    try:
+        fn = getattr(module, name)
+    except AttributeError:
+        raise LoadError(
+            f"module {module_name!r} has no attribute {name!r} (from {spec!r})"
+        ) from None
+    if not callable(fn):
+        raise LoadError(f"{spec!r} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -81,7 +115,7 @@ def _check(args: argparse.Namespace) -> int:
         return 0 if _demo_mistakes() else 1
     if args.predictor or args.init:
         if not (args.predictor and args.init and args.features):
-            raise SystemExit("--predictor needs --init and --features too")
+            raise LoadError("--predictor needs --init and --features too")
         return 0 if _check_user(args) else 1
     ok = _check_builtin(jnp.float32)
     with jax.enable_x64(True):
@@ -106,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         help="check jxent's hand-derived gradient (or diagnose classic mistakes)",
         description="Compare the hand-derived gradient with jax.grad and float64 finite "
-        "differences; exit 0 on pass, 1 on failure.",
+        "differences. Exit codes: 0 pass, 1 a gradient check failed (with --demo-mistakes: a "
+        "mistake was not caught), 2 bad usage or a --predictor/--init that cannot be loaded.",
     )
     check.add_argument(
         "--demo-mistakes",
@@ -132,4 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit code.
     """
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except LoadError as err:
+        print(f"jxent {args.command}: {err}", file=sys.stderr)
+        return 2

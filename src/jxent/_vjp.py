@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 from jax.typing import ArrayLike
@@ -29,14 +29,20 @@ Predictor = Callable[[PyTree, Any], jax.Array]
 
 
 class ValueAndGradFn(Protocol):
-    """``f(params, x, labels, **options) -> (loss, grads)``."""
+    """``f(params, x, labels, **options) -> (loss, grads)``, or ``((loss, aux), grads)``."""
 
-    def __call__(
-        self, params: PyTree, x: Any, labels: ArrayLike, **options: Any
-    ) -> tuple[jax.Array, PyTree]: ...
+    def __call__(self, params: PyTree, x: Any, labels: ArrayLike, **options: Any) -> Any: ...
 
 
-def value_and_grad(predictor: Predictor, **loss_options: Any) -> ValueAndGradFn:
+class GradFn(Protocol):
+    """``f(params, x, labels, **options) -> grads``, or ``(grads, aux)``."""
+
+    def __call__(self, params: PyTree, x: Any, labels: ArrayLike, **options: Any) -> Any: ...
+
+
+def value_and_grad(
+    predictor: Predictor, *, has_aux: bool = False, **loss_options: Any
+) -> ValueAndGradFn:
     r"""Loss and hand-derived parameter gradient of softmax cross-entropy on ``predictor``.
 
     Returns ``f(params, x, labels, **options) -> (loss, grads)`` computing
@@ -52,14 +58,24 @@ def value_and_grad(predictor: Predictor, **loss_options: Any) -> ValueAndGradFn:
     Options given to ``f`` (e.g. a per-batch ``where`` mask) override those given here. With
     ``reduction="none"`` the loss is per example and ``grads`` is the gradient of their sum.
 
+    ``has_aux`` follows ``jax.value_and_grad``: the predictor returns ``(logits, aux)`` (a flax
+    model's updated ``batch_stats``, intermediate activations, ...), ``aux`` is not
+    differentiated, and ``f`` returns ``((loss, aux), grads)``.
+
     Args:
-        predictor: ``predictor(params, x) -> logits``, a pure JAX function of a parameter pytree.
-            Logits have classes along ``axis``.
+        predictor: ``predictor(params, x) -> logits`` (``-> (logits, aux)`` with ``has_aux``), a
+            pure JAX function of a parameter pytree. Logits have classes along ``axis``.
+        has_aux: Whether the predictor returns ``(logits, aux)``.
         **loss_options: Options of :func:`jxent.loss_and_logits_grad`.
 
     Returns:
-        ``f(params, x, labels, **options) -> (loss, grads)``, ``grads`` shaped like ``params``.
-        Wrap it in ``jax.jit``; that is the intended use.
+        ``f(params, x, labels, **options)``, ``grads`` shaped like ``params``; its signature is
+        exactly that, so ``jax.jit(f, static_argnames=("reduction",))`` and
+        ``donate_argnames=("labels",)`` work. Wrap it in ``jax.jit``; that is the intended use.
+
+    Raises:
+        TypeError: (when ``f`` is called) the predictor returned a tuple, list or dict without
+            ``has_aux=True``, or not a pair ``(logits, aux)`` with it.
 
     Examples:
         >>> import jax, jax.numpy as jnp, jxent
@@ -72,14 +88,34 @@ def value_and_grad(predictor: Predictor, **loss_options: Any) -> ValueAndGradFn:
     """
     _options.check_option_names(loss_options, "value_and_grad")
 
-    @functools.wraps(predictor)
-    def value_and_grad_fn(
-        params: PyTree, x: Any, labels: ArrayLike, **options: Any
-    ) -> tuple[jax.Array, PyTree]:
-        loss, grads, _ = loss_grads_and_logits(predictor, params, x, labels, loss_options, options)
-        return loss, grads
+    def value_and_grad_fn(params: PyTree, x: Any, labels: ArrayLike, **options: Any) -> Any:
+        out = loss_grads_and_logits(
+            predictor, params, x, labels, loss_options, options, "value_and_grad", has_aux
+        )
+        return ((out.loss, out.aux), out.grads) if has_aux else (out.loss, out.grads)
 
-    return value_and_grad_fn
+    return _named(value_and_grad_fn, "value_and_grad", predictor)
+
+
+def _named(fn: Callable[..., Any], kind: str, predictor: Any) -> Callable[..., Any]:
+    """Names ``fn`` after the predictor, keeping ``fn``'s own signature.
+
+    Not ``functools.wraps``: its ``__wrapped__`` makes ``inspect.signature`` (and so
+    ``jax.jit``'s ``static_argnames``) see the predictor's parameters instead of ``fn``'s.
+    """
+    name = getattr(predictor, "__name__", type(predictor).__name__)
+    fn.__name__ = fn.__qualname__ = f"{kind}({name})"
+    fn.__doc__ = f"jxent.{kind} of ``{name}``: ``f(params, x, labels, **options)``."
+    return fn
+
+
+class LossGradsLogits(NamedTuple):
+    """What one hand-derived backward pass gives: loss, parameter gradient, logits and aux."""
+
+    loss: jax.Array
+    grads: PyTree
+    logits: jax.Array
+    aux: Any
 
 
 def loss_grads_and_logits(
@@ -89,32 +125,65 @@ def loss_grads_and_logits(
     labels: ArrayLike,
     loss_options: dict[str, Any],
     call_options: dict[str, Any],
-) -> tuple[jax.Array, PyTree, jax.Array]:
-    """The one implementation behind :func:`value_and_grad` and the training step."""
-    _options.check_option_names(call_options, "value_and_grad")
-    logits, pullback = jax.vjp(lambda p: predictor(p, x), params)
+    function: str = "value_and_grad",
+    has_aux: bool = False,
+) -> LossGradsLogits:
+    """The one implementation behind :func:`value_and_grad`, :func:`grad` and the training step."""
+    _options.check_option_names(call_options, function)
+    if has_aux:
+        logits, pullback, aux = jax.vjp(lambda p: _pair(predictor(p, x)), params, has_aux=True)
+    else:
+        logits, pullback = jax.vjp(lambda p: _logits_only(predictor(p, x)), params)
+        aux = None
     loss, cotangent = loss_and_logits_grad(logits, labels, **{**loss_options, **call_options})
     (grads,) = pullback(cotangent)
-    return loss, grads, logits
+    return LossGradsLogits(loss, grads, logits, aux)
 
 
-def grad(predictor: Predictor, **loss_options: Any) -> Callable[..., PyTree]:
+def _logits_only(out: Any) -> Any:
+    if isinstance(out, (tuple, list, dict)):
+        kind = type(out).__name__
+        size = f" of {len(out)}" if isinstance(out, (tuple, list)) else ""
+        raise TypeError(
+            f"the predictor returned a {kind}{size} instead of one logits array; if it returns "
+            "(logits, aux) (e.g. a flax model's updated batch_stats), pass has_aux=True"
+        )
+    return out
+
+
+def _pair(out: Any) -> tuple[Any, Any]:
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        if isinstance(out, (tuple, list)):
+            found = f"a {type(out).__name__} of {len(out)}"
+        elif isinstance(out, jax.Array):
+            found = f"one array of shape {out.shape}"
+        else:
+            found = f"a {type(out).__name__}"
+        raise TypeError(f"with has_aux=True the predictor must return (logits, aux), found {found}")
+    return out[0], out[1]
+
+
+def grad(predictor: Predictor, *, has_aux: bool = False, **loss_options: Any) -> GradFn:
     """Hand-derived parameter gradient only; see :func:`value_and_grad`.
 
     Args:
-        predictor: ``predictor(params, x) -> logits``.
+        predictor: ``predictor(params, x) -> logits`` (``-> (logits, aux)`` with ``has_aux``).
+        has_aux: Whether the predictor returns ``(logits, aux)``; ``f`` then returns
+            ``(grads, aux)``, as ``jax.grad(..., has_aux=True)`` does.
         **loss_options: Options of :func:`jxent.loss_and_logits_grad`.
 
     Returns:
-        ``f(params, x, labels, **options) -> grads``.
+        ``f(params, x, labels, **options) -> grads`` (or ``(grads, aux)``).
     """
-    value_and_grad_fn = value_and_grad(predictor, **loss_options)
+    _options.check_option_names(loss_options, "grad")
 
-    @functools.wraps(predictor)
-    def grad_fn(params: PyTree, x: Any, labels: ArrayLike, **options: Any) -> PyTree:
-        return value_and_grad_fn(params, x, labels, **options)[1]
+    def grad_fn(params: PyTree, x: Any, labels: ArrayLike, **options: Any) -> Any:
+        out = loss_grads_and_logits(
+            predictor, params, x, labels, loss_options, options, "grad", has_aux
+        )
+        return (out.grads, out.aux) if has_aux else out.grads
 
-    return grad_fn
+    return _named(grad_fn, "grad", predictor)
 
 
 def batched(per_example: Callable[[PyTree, Any], jax.Array]) -> Predictor:

@@ -9,6 +9,7 @@ all-reduce). The same code runs on one device or many, and on several hosts once
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -19,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jxent._loss import softmax_cross_entropy
+from jxent._loss import _prepare, softmax_cross_entropy
 from jxent._options import check_option_names
 from jxent._vjp import Predictor, loss_grads_and_logits
 
@@ -29,26 +30,46 @@ DATA_AXIS = "data"
 
 
 class TrainState(NamedTuple):
-    """What a training step carries: parameters, optimizer state and the step count."""
+    """What a training step carries.
+
+    Attributes:
+        params: The parameters being trained.
+        opt_state: The optimizer's state.
+        step: Steps taken so far (int32 scalar).
+        model_state: State the predictor updates but is not trained (flax ``batch_stats``,
+            equinox ``State``), for ``make_step(..., has_aux=True)``; ``None`` otherwise.
+        key: PRNG key from which each step's key is derived (dropout), or ``None``.
+    """
 
     params: PyTree
     opt_state: optax.OptState
     step: jax.Array
+    model_state: PyTree = None
+    key: jax.Array | None = None
 
 
-def init_state(params: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
+def init_state(
+    params: PyTree,
+    optimizer: optax.GradientTransformation,
+    *,
+    model_state: PyTree = None,
+    key: jax.Array | None = None,
+) -> TrainState:
     """A fresh :class:`TrainState` for ``params`` and ``optimizer``.
 
     Args:
         params: Initial (float32 master) parameters.
         optimizer: An optax gradient transformation.
+        model_state: Initial non-trained model state (e.g. flax ``variables["batch_stats"]``).
+        key: PRNG key for per-step randomness (step ``i`` uses ``jax.random.fold_in(key, i)``).
 
     Returns:
-        ``TrainState(params, optimizer.init(params), 0)`` holding a copy of ``params``.
+        ``TrainState(params, optimizer.init(params), 0, model_state, key)`` holding copies.
     """
-    # A copy: the step donates its state's buffers, which must not delete the caller's arrays.
-    params = jax.tree.map(jnp.array, params)
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    # Copies: the step donates its state's buffers, which must not delete the caller's arrays.
+    params, model_state = jax.tree.map(jnp.array, (params, model_state))
+    key = None if key is None else key.copy()
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), model_state, key)
 
 
 def data_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
@@ -87,29 +108,75 @@ def _global_norm(tree: PyTree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in leaves)) if leaves else jnp.zeros(())
 
 
-def _metrics(loss: jax.Array, grads: PyTree, logits: jax.Array, labels: jax.Array) -> Metrics:
-    predicted = jnp.argmax(logits, axis=-1)
-    target = labels if jnp.issubdtype(labels.dtype, jnp.integer) else jnp.argmax(labels, -1)
-    return {
-        "loss": loss,
-        "accuracy": jnp.mean((predicted == target).astype(jnp.float32)),
-        "grad_norm": _global_norm(grads),
-    }
+def accuracy(
+    logits: jax.Array, labels: jax.Array, **loss_options: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Accuracy over exactly the examples the loss counts, along the loss's class axis.
+
+    An example counts when the loss counts it: ``where`` true (per example), its label not
+    ``ignore_index``, and (with a per-logit ``where``) at least one class left; the prediction is
+    the argmax over the classes ``where`` leaves. The target of probability labels is their
+    argmax. Class weights do not weight the accuracy (it is a count).
+
+    Args:
+        logits: Scores with classes along ``axis`` (flattened in order for a tuple).
+        labels: Integer labels or probabilities, as for the loss.
+        **loss_options: The loss's options (``axis``, ``where``, ``ignore_index``, ...).
+
+    Returns:
+        ``(accuracy, count)``: the fraction of counted examples predicted right (0 when none
+        counts) and how many counted, both float32 scalars.
+    """
+    problem = _prepare("accuracy", logits, labels, **loss_options)
+    scores, labels_rows, counted, _, class_mask = problem.args[:5]
+    if class_mask is not None:
+        scores = jnp.where(class_mask, scores, -jnp.inf)
+        counted = counted & jnp.any(class_mask, axis=-1)
+    target = jnp.argmax(labels_rows, axis=-1) if problem.config.soft else labels_rows
+    right = counted & (jnp.argmax(scores, axis=-1) == target)
+    count = jnp.sum(counted).astype(jnp.float32)
+    return jnp.sum(right).astype(jnp.float32) / jnp.maximum(count, 1.0), count
+
+
+def _metrics(
+    loss: jax.Array, grads: PyTree, logits: jax.Array, labels: jax.Array, options: dict[str, Any]
+) -> Metrics:
+    acc, count = accuracy(logits, labels, **options)
+    metrics = {"loss": loss, "accuracy": acc, "count": count}
+    if grads is not None:
+        metrics["grad_norm"] = _global_norm(grads)
+    return metrics
+
+
+StepFn = Callable[..., tuple[TrainState, Metrics]]
 
 
 def make_step(
     predictor: Predictor,
     optimizer: optax.GradientTransformation,
     *,
+    has_aux: bool = False,
     mesh: Mesh | None = None,
     compute_dtype: Any = None,
     **loss_options: Any,
-) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
+) -> StepFn:
     """A jitted training step that uses the hand-derived gradient.
 
+    ``step(state, x, labels, **options) -> (state, metrics)``. Per-batch loss options go to the
+    call (``step(state, x, labels, where=padding_mask)``) and override those given here; they
+    are traced (one compilation for all batches of a shape), so ``axis``, ``reduction``,
+    ``ignore_index`` and ``logit_softcap`` belong here, not in the call.
+
+    With ``has_aux=True`` the predictor is stateful and random: it is called as
+    ``predictor(params, x, model_state, key) -> (logits, new_model_state)`` with the state's
+    ``model_state`` (flax ``batch_stats``, equinox ``State``) and a key for this step,
+    ``jax.random.fold_in(state.key, state.step)`` (dropout); the step stores
+    ``new_model_state`` in the returned state. Give both to :func:`init_state`.
+
     Args:
-        predictor: ``predictor(params, x) -> logits``.
+        predictor: ``predictor(params, x) -> logits``, or the stateful form above.
         optimizer: An optax gradient transformation.
+        has_aux: Whether the predictor is the stateful form.
         mesh: Optional mesh with a ``"data"`` axis (see :func:`data_mesh`): the batch is
             sharded along it, the state replicated. The batch size must divide evenly.
         compute_dtype: Run the predictor in this dtype (e.g. ``jnp.bfloat16``) with float32
@@ -118,8 +185,13 @@ def make_step(
             ``"mean"`` or ``"sum"``).
 
     Returns:
-        ``step(state, x, labels) -> (state, metrics)``, jitted; metrics are the batch's
-        ``loss``, ``accuracy`` and the gradient's global norm ``grad_norm``.
+        ``step(state, x, labels, **options)``, jitted (the state's buffers donated); metrics
+        are the batch's ``loss``, ``accuracy`` and ``count`` (over exactly the examples the loss
+        counts, see :func:`accuracy`) and the gradient's global norm ``grad_norm``.
+
+    Raises:
+        ValueError: ``reduction="none"``.
+        TypeError: A misspelled option (naming ``make_step`` and the closest option).
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax, jxent
@@ -136,79 +208,114 @@ def make_step(
         raise ValueError("make_step needs a scalar loss: reduction 'mean' or 'sum'")
     model = predictor if compute_dtype is None else mixed_precision(predictor, compute_dtype)
 
-    def step(state: TrainState, x: jax.Array, labels: jax.Array) -> tuple[TrainState, Metrics]:
-        loss, grads, logits = loss_grads_and_logits(
-            model, state.params, x, labels, loss_options, {}
+    def step(state: TrainState, x: Any, labels: Any, **options: Any) -> tuple[TrainState, Metrics]:
+        if has_aux:
+            key = None if state.key is None else jax.random.fold_in(state.key, state.step)
+
+            def run(params: PyTree, x: Any) -> tuple[jax.Array, PyTree]:
+                return model(params, x, state.model_state, key)
+
+        else:
+            run = model
+        out = loss_grads_and_logits(
+            run, state.params, x, labels, loss_options, options, "step", has_aux
         )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = optimizer.update(out.grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1), _metrics(loss, grads, logits, labels)
+        model_state = out.aux if has_aux else state.model_state
+        new = TrainState(params, opt_state, state.step + 1, model_state, state.key)
+        metrics = _metrics(out.loss, out.grads, out.logits, labels, {**loss_options, **options})
+        return new, metrics
 
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     replicated = NamedSharding(mesh, PartitionSpec())
     batch = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    jitted = jax.jit(
-        step,
-        in_shardings=(replicated, batch, batch),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    # No in_shardings: the inputs are placed below and jit follows them, which also covers
+    # per-batch options (a `where` mask is sharded like the batch, a scalar replicated).
+    jitted = jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=0)
 
     def sharded_step(
-        state: TrainState, x: jax.Array, labels: jax.Array
+        state: TrainState, x: Any, labels: Any, **options: Any
     ) -> tuple[TrainState, Metrics]:
-        return jitted(jax.device_put(state, replicated), x, labels)
+        rows = jnp.shape(x)[0]
+
+        def place(a: Any) -> Any:
+            per_example = jnp.ndim(a) > 0 and jnp.shape(a)[0] == rows
+            return jax.device_put(a, batch if per_example else replicated)
+
+        state = jax.device_put(state, replicated)
+        x, labels = jax.device_put((x, labels), batch)
+        return jitted(state, x, labels, **jax.tree.map(place, options))
 
     return sharded_step
 
 
+# Options that decide the program's structure: static under jit. The others are arrays.
+_STATIC_OPTIONS = ("axis", "reduction", "ignore_index", "logit_softcap")
+
+
 def evaluate(
-    predictor: Predictor, params: PyTree, x: jax.Array, labels: jax.Array, **loss_options: Any
+    predictor: Predictor, params: PyTree, x: Any, labels: Any, **loss_options: Any
 ) -> dict[str, float]:
     """Loss and accuracy of ``predictor`` on a whole data set (one jitted call).
 
+    The compiled function is cached by predictor, shapes and static options (``axis``,
+    ``reduction``, ``ignore_index``, ``logit_softcap``): calling ``evaluate`` again after every
+    epoch does not recompile. Pass the same predictor object each time (a new ``lambda`` or
+    ``functools.partial`` per call is a new function to JAX).
+
     Args:
-        predictor: ``predictor(params, x) -> logits``.
+        predictor: ``predictor(params, x) -> logits`` (for a stateful model: its inference mode,
+            e.g. ``lambda p, x: model.apply({"params": p, **state}, x, train=False)``).
         params: Parameters.
         x: Inputs.
         labels: Integer labels or probabilities.
-        **loss_options: Options of the loss.
+        **loss_options: Options of the loss; accuracy counts what the loss counts.
 
     Returns:
-        ``{"loss": float, "accuracy": float}``.
+        ``{"loss": float, "accuracy": float, "count": float}``.
     """
-    run = _evaluator(predictor, loss_options)
-    return {k: float(v) for k, v in run(params, x, labels).items()}
+    check_option_names(loss_options, "evaluate")
+    static = tuple(sorted((k, v) for k, v in loss_options.items() if k in _STATIC_OPTIONS))
+    arrays = {k: v for k, v in loss_options.items() if k not in _STATIC_OPTIONS}
+    scores = _evaluate_jit(predictor, static, params, x, labels, arrays)
+    return {k: float(v) for k, v in scores.items()}
 
 
-def _evaluator(predictor: Predictor, opts: dict[str, Any]) -> Callable[..., Metrics]:
-    @jax.jit
-    def run(params: PyTree, x: jax.Array, labels: jax.Array) -> Metrics:
-        logits = predictor(params, x)
-        metrics = _metrics(softmax_cross_entropy(logits, labels, **opts), {}, logits, labels)
-        del metrics["grad_norm"]
-        return metrics
-
-    return run
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _evaluate_jit(
+    predictor: Predictor,
+    static: tuple[tuple[str, Any], ...],
+    params: PyTree,
+    x: Any,
+    labels: Any,
+    arrays: dict[str, Any],
+) -> Metrics:
+    options = {**dict(static), **arrays}
+    logits = predictor(params, x)
+    return _metrics(softmax_cross_entropy(logits, labels, **options), None, logits, labels, options)
 
 
 def fit(
     predictor: Predictor,
     params: PyTree,
     optimizer: optax.GradientTransformation,
-    data: tuple[Any, Any],
+    data: tuple[Any, ...],
     *,
     epochs: int,
     batch_size: int,
     key: jax.Array,
-    eval_data: tuple[Any, Any] | None = None,
+    eval_data: tuple[Any, ...] | None = None,
     progress: bool = True,
     callbacks: Iterable[Callable[[dict[str, float]], None]] = (),
     mesh: Mesh | None = None,
     compute_dtype: Any = None,
+    has_aux: bool = False,
+    model_state: PyTree = None,
+    eval_predictor: Callable[[PyTree, Any, PyTree], jax.Array] | None = None,
     **loss_options: Any,
-) -> tuple[PyTree, list[dict[str, float]]]:
+) -> tuple[Any, list[dict[str, float]]]:
     """Trains ``predictor`` with the hand-derived gradient: shuffled minibatches, per-epoch eval.
 
     Each epoch draws a permutation with ``jax.random.permutation(fold_in(key, epoch))`` and
@@ -217,64 +324,91 @@ def fit(
     (``pip install "jxent[demo]"``): it is small, pure Python and has no dependencies of its own.
 
     Args:
-        predictor: ``predictor(params, x) -> logits``.
+        predictor: ``predictor(params, x) -> logits``, or with ``has_aux`` the stateful form of
+            :func:`make_step`, ``predictor(params, x, model_state, key) -> (logits, model_state)``.
         params: Initial parameters.
         optimizer: An optax gradient transformation.
-        data: ``(x, labels)`` training arrays.
+        data: ``(x, labels)`` training arrays, or ``(x, labels, where)`` with a per-example mask
+            (e.g. padding) shaped like integer labels; batches are drawn along the first axis.
         epochs: Number of passes over ``data``.
         batch_size: Examples per step.
-        key: PRNG key for shuffling.
-        eval_data: Optional ``(x, labels)`` evaluated after every epoch.
+        key: PRNG key for shuffling (and, folded with 1, the per-step keys of ``has_aux``).
+        eval_data: Optional ``(x, labels)`` or ``(x, labels, where)`` evaluated after every epoch
+            (one compilation, see :func:`evaluate`).
         progress: Show a progress bar.
         callbacks: Called with each epoch's history record.
         mesh: Data-parallel mesh, as for :func:`make_step`.
         compute_dtype: Mixed precision, as for :func:`make_step`.
+        has_aux: The predictor is stateful and random (see :func:`make_step`).
+        model_state: Its initial state (e.g. flax ``variables["batch_stats"]``).
+        eval_predictor: With ``has_aux`` and ``eval_data``: inference mode,
+            ``eval_predictor(params, x, model_state) -> logits`` (running averages, no dropout).
         **loss_options: Options of the loss.
 
     Returns:
-        ``(params, history)``: trained parameters and one record per epoch with ``epoch``,
-        ``train_loss``, ``train_accuracy`` (means over the epoch's steps), ``eval_loss``,
+        ``(params, history)`` -- ``((params, model_state), history)`` with ``has_aux`` -- and one
+        record per epoch with ``epoch``, ``train_loss`` (mean over the epoch's steps),
+        ``train_accuracy`` (over the epoch's counted examples), ``eval_loss``,
         ``eval_accuracy`` (with ``eval_data``), ``train_seconds`` (the epoch's steps),
         ``seconds`` (the whole epoch, evaluation included) and, in the first record,
         ``first_step_seconds`` (the first step, its compilation included).
+
+    Raises:
+        ValueError: ``batch_size`` larger than the data; ``has_aux`` with ``eval_data`` but no
+            ``eval_predictor``.
     """
-    x, labels = jnp.asarray(data[0]), jnp.asarray(data[1])
-    steps = x.shape[0] // batch_size
+    arrays = tuple(jnp.asarray(a) for a in data)
+    steps = arrays[0].shape[0] // batch_size
     if steps == 0:
-        raise ValueError(f"batch_size {batch_size} exceeds the {x.shape[0]} training examples")
-    step = make_step(predictor, optimizer, mesh=mesh, compute_dtype=compute_dtype, **loss_options)
-    state = init_state(params, optimizer)
-    run_eval = _evaluator(predictor, loss_options)
+        raise ValueError(
+            f"batch_size {batch_size} exceeds the {arrays[0].shape[0]} training examples"
+        )
+    if has_aux and eval_data is not None and eval_predictor is None:
+        raise ValueError(
+            "fit(has_aux=True, eval_data=...) needs eval_predictor(params, x, model_state) -> "
+            "logits: the model's inference mode (running statistics, no dropout)"
+        )
+    step = make_step(
+        predictor,
+        optimizer,
+        has_aux=has_aux,
+        mesh=mesh,
+        compute_dtype=compute_dtype,
+        **loss_options,
+    )
+    step_key = jax.random.fold_in(key, 1) if has_aux else None
+    state = init_state(params, optimizer, model_state=model_state, key=step_key)
     bar = _progress(epochs * steps, progress)
     history = []
     for epoch in range(epochs):
         start = time.perf_counter()
-        order = jax.random.permutation(jax.random.fold_in(key, epoch), x.shape[0])
-        sums = {"loss": 0.0, "accuracy": 0.0}
+        order = jax.random.permutation(jax.random.fold_in(key, epoch), arrays[0].shape[0])
+        sums = {"loss": 0.0, "right": 0.0, "count": 0.0}
         first_step = None
         for i in range(steps):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            state, metrics = step(state, x[idx], labels[idx])
+            batch = _batch(arrays, order[i * batch_size : (i + 1) * batch_size])
+            state, metrics = step(state, *batch[:2], **batch[2])
             if epoch == 0 and i == 0:  # compilation happens here: timed apart from the rest
                 jax.block_until_ready(metrics)
                 first_step = time.perf_counter() - start
-            for name in sums:
-                sums[name] += metrics[name]
+            sums["loss"] += metrics["loss"]
+            sums["right"] += metrics["accuracy"] * metrics["count"]
+            sums["count"] += metrics["count"]
             if bar is not None:
                 bar.update(1)
         jax.block_until_ready(state)
         record = {
             "epoch": epoch + 1,
             "train_loss": float(sums["loss"]) / steps,
-            "train_accuracy": float(sums["accuracy"]) / steps,
+            "train_accuracy": float(sums["right"]) / max(float(sums["count"]), 1.0),
             "train_seconds": time.perf_counter() - start,
         }
         if first_step is not None:
             record["first_step_seconds"] = first_step
         if eval_data is not None:
-            scores = run_eval(state.params, *eval_data)
-            record["eval_loss"] = float(scores["loss"])
-            record["eval_accuracy"] = float(scores["accuracy"])
+            scores = _eval(predictor, eval_predictor, state, eval_data, has_aux, loss_options)
+            record["eval_loss"] = scores["loss"]
+            record["eval_accuracy"] = scores["accuracy"]
         record["seconds"] = time.perf_counter() - start
         history.append(record)
         if bar is not None:
@@ -284,7 +418,40 @@ def fit(
             callback(record)
     if bar is not None:
         bar.close()
-    return state.params, history
+    return ((state.params, state.model_state) if has_aux else state.params), history
+
+
+def _batch(arrays: tuple[jax.Array, ...], idx: jax.Array) -> tuple[Any, Any, dict[str, Any]]:
+    """``(x, labels, options)`` of one batch; a third data array is the ``where`` mask."""
+    options = {"where": arrays[2][idx]} if len(arrays) > 2 else {}
+    return arrays[0][idx], arrays[1][idx], options
+
+
+def _eval(
+    predictor: Predictor,
+    eval_predictor: Callable[..., jax.Array] | None,
+    state: TrainState,
+    eval_data: tuple[Any, ...],
+    has_aux: bool,
+    loss_options: dict[str, Any],
+) -> dict[str, float]:
+    options = dict(loss_options)
+    if len(eval_data) > 2:
+        options["where"] = eval_data[2]
+    if has_aux:  # the model state is an argument, so the compiled evaluation is reused
+        params_and_state = (state.params, state.model_state)
+        return evaluate(_with_state(eval_predictor), params_and_state, *eval_data[:2], **options)
+    return evaluate(predictor, state.params, *eval_data[:2], **options)
+
+
+@functools.cache
+def _with_state(eval_predictor: Callable[..., jax.Array]) -> Predictor:
+    """``(params, model_state), x -> logits``: one function object per eval_predictor."""
+
+    def predictor(params_and_state: tuple[PyTree, PyTree], x: Any) -> jax.Array:
+        return eval_predictor(params_and_state[0], x, params_and_state[1])
+
+    return predictor
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -299,6 +466,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 __all__ = [
     "TrainState",
+    "accuracy",
     "data_mesh",
     "evaluate",
     "fit",
