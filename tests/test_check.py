@@ -33,9 +33,9 @@ PREDICTORS = ["linear", "mlp", "embedding"]
 check = functools.partial(jxent.check_grads, float32_noise_check=False)
 
 
-def wrong(apply, transform):
+def wrong(apply, transform, **options):
     """A candidate: jxent's correct gradient with ``transform(path, leaf)`` applied per leaf."""
-    correct = jxent.grad(apply)
+    correct = jxent.grad(apply, **options)
 
     def grad_fn(params, x, y):
         return jax.tree_util.tree_map_with_path(
@@ -270,3 +270,55 @@ def test_console_script_imports_the_users_module_from_the_current_directory(tmp_
         out.stderr
         == "jxent check: module 'cwdmodel' has no attribute 'apply' (from 'cwdmodel:apply')\n"
     )
+
+
+# --- bfloat16 candidates: their own tolerance, and their own noise note -----------------------
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp"])
+def test_correct_bfloat16_gradient_passes_with_defaults_and_a_sign_flip_fails(name):
+    apply, params, x, y = instance(name, jnp.bfloat16)
+    report = jxent.check_grads(jxent.grad(apply), apply, params, x, y)
+    assert report.ok, str(report)
+    assert report.rtol == 2.0**-5
+    # the note speaks of bfloat16, and of the step such a check would take
+    assert [n.kind for n in report.notes] == [Kind.FLOAT32_NOISE]
+    assert "bfloat16 finite-difference check (step 0.01)" in report.notes[0].message
+    bad = check(wrong(apply, lambda p, g: -g), apply, params, x, y)
+    assert bad.diagnosis.kind is Kind.SIGN_FLIPPED
+    half = check(wrong(apply, lambda p, g: 0.5 * g), apply, params, x, y)
+    assert half.diagnosis.kind is Kind.SCALED
+
+
+def test_a_mixed_candidate_takes_the_tolerance_of_its_least_precise_leaf():
+    apply, params, x, y = instance("linear")
+
+    def mixed(params, x, y):
+        g = jxent.grad(apply)(params, x, y)
+        return {"b": g["b"], "w": g["w"].astype(jnp.bfloat16)}
+
+    assert check(mixed, apply, params, x, y).rtol == 2.0**-5
+
+
+# --- scale factors that match several natural counts -----------------------------------------
+
+
+def test_a_factor_matching_batch_size_and_class_count_names_both():
+    k_p, k_x, k_y = jax.random.split(jax.random.key(0), 3)
+    params = linear.init(k_p, D, 4)
+    x, y = jax.random.normal(k_x, (4, D)), jax.random.randint(k_y, (4,), 0, 4)  # B = L = 4
+    report = check(wrong(linear.apply, lambda p, g: g / 4), linear.apply, params, x, y)
+    message = report.diagnosis.message
+    assert report.diagnosis.kind is Kind.SCALED
+    assert "ambiguous" in message
+    assert "batch size 4 (averaged twice)" in message
+    assert "number of classes 4 (divided by the class count)" in message
+
+
+def test_a_sum_over_the_counted_examples_is_named_as_such():
+    apply, params, x, y = instance("linear")
+    y = y.at[:2].set(-100)  # 6 of the 8 examples count
+    candidate = wrong(apply, lambda p, g: 6 * g, ignore_index=-100)
+    report = check(candidate, apply, params, x, y, ignore_index=-100)
+    assert "counted examples 6, summed instead of averaged" in report.diagnosis.message
+    assert "batch size" not in report.diagnosis.message

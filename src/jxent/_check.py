@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jxent import _check_programs as _programs
 from jxent import _fd
-from jxent._loss import softmax_cross_entropy
 from jxent._options import check_option_names
 
 PyTree = Any
@@ -34,7 +34,7 @@ class Kind(enum.Enum):
     ZERO = "zero"
     TRANSPOSED = "transposed"
     SOME_LEAVES_WRONG = "some leaves wrong"
-    FLOAT32_NOISE = "float32 noise"
+    FLOAT32_NOISE = "float32 noise"  # also for bfloat16/float16 candidates: low-precision noise
     AUTODIFF_DISAGREES_WITH_FD = "autodiff disagrees with finite differences"
     STRUCTURE_MISMATCH = "structure mismatch"
     UNEXPLAINED = "unexplained"
@@ -137,7 +137,18 @@ class GradCheckReport:
             raise GradientCheckError("gradient check failed\n" + str(self))
 
 
-DEFAULT_RTOL = {jnp.float64: 1e-6, jnp.float32: 1e-4}
+# Default rtol per candidate dtype (the least precise leaf decides), relative to max|g| per leaf.
+# float64: rounding ~1e-16 per operation leaves six orders of margin. float32: gradients of
+# O(1e6)-parameter models carry ~1e-6..1e-5 relative rounding. bfloat16 (8 significant bits,
+# unit roundoff 2^-8 ~ 3.9e-3) and float16 (11 bits, 2^-11 ~ 4.9e-4): a correct gradient
+# computed in them through a few layers is off by several units of roundoff, measured up to
+# ~1.2e-2 (bf16) on the built-in predictors; 2^-5 and 2^-8 give the same ~8-unit margin, and
+# a sign flip (error 2), a zero (1) or a factor 2 (0.5) still fail by far.
+DEFAULT_RTOL = {"float64": 1e-6, "float32": 1e-4, "float16": 2.0**-8, "bfloat16": 2.0**-5}
+# The finite-difference step a user would naturally try in each low precision, for the note.
+NAIVE_STEP = {"float32": 1e-6, "float16": 1e-3, "bfloat16": 1e-2}
+# Entries per leaf differenced in the candidate's low precision for the noise note.
+NOISE_ENTRIES_PER_LEAF = 4
 
 
 def check_grads(
@@ -176,10 +187,13 @@ def check_grads(
 
     Failing leaves are diagnosed as ``ZERO`` (the summed-over-classes mistake), ``TRANSPOSED``,
     ``SIGN_FLIPPED`` or ``SCALED`` (least-squares fit :math:`c = \langle c, g\rangle/\langle g,g
-    \rangle`, naming the batch size when :math:`c \approx B` or :math:`1/B`), else
+    \rangle`, naming the count when :math:`c \approx n` or :math:`1/n` for the batch size, the
+    number of classes, the counted examples or their class-weight sum -- every one that matches,
+    when several do), else
     ``UNEXPLAINED``; the overall verdict is their common kind or ``SOME_LEAVES_WRONG``. A passing
-    float32 candidate also gets a ``FLOAT32_NOISE`` note when a float32 finite-difference check
-    would have failed it.
+    low-precision candidate (float32, bfloat16, float16) also gets a ``FLOAT32_NOISE`` note when a
+    finite-difference check in its own dtype (step ``NAIVE_STEP``, on the first
+    ``NOISE_ENTRIES_PER_LEAF`` checked entries of each leaf) would have failed it.
 
     Args:
         grad_fn: The candidate, ``grad_fn(params, x, labels) -> grads`` shaped like ``params``.
@@ -187,16 +201,17 @@ def check_grads(
         params: Parameter pytree at which to check.
         x: Inputs.
         labels: Integer labels or probabilities.
-        rtol: Relative tolerance; default 1e-6 for float64 candidates, 1e-4 for float32 (float32
-            gradients of O(1e6)-parameter models carry ~1e-6..1e-5 relative rounding).
+        rtol: Relative tolerance; default by the candidate's least precise dtype (``DEFAULT_RTOL``):
+            1e-6 float64, 1e-4 float32, 2^-8 float16, 2^-5 bfloat16 (about eight units of
+            roundoff of the 16-bit types; the comment at ``DEFAULT_RTOL`` says why).
         atol: Absolute tolerance; default ``1e-3 * rtol``.
         fd: ``"entries"`` or ``"directions"``.
         max_full_leaf: Leaves up to this many entries are differenced at every entry.
         samples_per_leaf: Entries differenced per larger leaf.
         directions: Number of random directions for ``fd="directions"``.
         seed: Seed of the entry sample and the directions.
-        float32_noise_check: Whether to also run a float32 finite-difference check (for the
-            ``FLOAT32_NOISE`` note) on float32 candidates.
+        float32_noise_check: Whether to also run a finite-difference check in the candidate's
+            low precision (for the ``FLOAT32_NOISE`` note) on float32/bfloat16/float16 candidates.
         **loss_options: Options of :func:`jxent.loss_and_logits_grad` defining the loss.
 
     Returns:
@@ -225,26 +240,26 @@ def check_grads(
         )
         return GradCheckReport((), False, diag, (), float("nan"), float("nan"), "not run")
     cand = [np.asarray(c, np.float64) for c in jax.tree.leaves(candidate)]
-    float32 = any(np.asarray(c).dtype != np.float64 for c in jax.tree.leaves(candidate))
-    rtol = DEFAULT_RTOL[jnp.float32 if float32 else jnp.float64] if rtol is None else rtol
+    dtype = _least_precise(candidate)
+    low_precision = dtype != "float64"
+    rtol = DEFAULT_RTOL[dtype] if rtol is None else rtol
     atol = 1e-3 * rtol if atol is None else atol
-    batch = int(np.prod(np.shape(labels)[: np.ndim(labels) - (0 if _is_int(labels) else 1)]))
+    counts = _natural_counts(predictor, params, x, labels, loss_options)
 
+    key, arrays = _programs.split(predictor, loss_options)
     with jax.enable_x64(True):
         params64 = _to_dtype(params, jnp.float64)
-        x64 = _to_dtype(x, jnp.float64)
-        labels64 = jnp.asarray(labels) if _is_int(labels) else _to_dtype(labels, jnp.float64)
-
-        def loss(p: PyTree) -> jax.Array:
-            return softmax_cross_entropy(predictor(p, x64), labels64, **loss_options)
-
-        reference = [np.asarray(r) for r in jax.tree.leaves(jax.grad(loss)(params64))]
+        data64 = (
+            _to_dtype(x, jnp.float64),
+            jnp.asarray(labels) if _is_int(labels) else _to_dtype(labels, jnp.float64),
+            _to_dtype(arrays, jnp.float64),
+        )
+        grads64 = _programs.reference_grad(key, params64, *data64)
+        reference = [np.asarray(r) for r in jax.tree.leaves(grads64)]
         rng = np.random.default_rng(seed)
         if fd == "entries":
             chosen = [_choose(r.size, max_full_leaf, samples_per_leaf, rng) for r in reference]
-            fd_values = [
-                np.asarray(v) for v in _fd.finite_difference_entries(loss, params64, chosen)
-            ]
+            fd_values = _entry_differences(key, _fd.DEFAULT_STEP, params64, data64, chosen)
             fd_errors = [
                 _fd_error(c.ravel()[idx], v, r)
                 for c, r, idx, v in zip(cand, reference, chosen, fd_values, strict=True)
@@ -253,23 +268,23 @@ def check_grads(
             method = f"finite differences: all entries of leaves <= {max_full_leaf}, "
             method += f"{samples_per_leaf} sampled (seed {seed}) of larger ones, float64"
         else:
-            err = _directional_error(loss, params64, cand, reference, directions, rng)
+            err = _directional_error(key, params64, data64, cand, reference, directions, rng)
             fd_errors = [err] * len(cand)
             fd_counts = [0] * len(cand)
             method = f"finite differences along {directions} random directions (seed {seed})"
         fd32_error = None
-        if fd == "entries" and float32 and float32_noise_check:
-            x32, params32 = _to_dtype(x, jnp.float32), _to_dtype(params, jnp.float32)
-
-            def loss32(p: PyTree) -> jax.Array:
-                return softmax_cross_entropy(predictor(p, x32), labels, **loss_options)
-
-            fd32_error = _float32_fd_error(loss32, params32, chosen, reference)
+        if fd == "entries" and low_precision and float32_noise_check:
+            data_lp = (_to_dtype(x, dtype), jnp.asarray(labels), _to_dtype(arrays, dtype))
+            params_lp = _to_dtype(params, dtype)
+            # A few entries per leaf show the noise; it only writes a note, so it is kept cheap.
+            few = [idx[:NOISE_ENTRIES_PER_LEAF] for idx in chosen]
+            values = _entry_differences(key, NAIVE_STEP[dtype], params_lp, data_lp, few)
+            fd32_error = _low_precision_fd_error(values, few, reference)
 
     leaf_reports = []
     for path, c, r, fd_err, n in zip(paths, cand, reference, fd_errors, fd_counts, strict=True):
-        leaf_reports.append(_leaf_report(path, c, r, fd_err, n, rtol, atol, batch))
-    return _summarise(tuple(leaf_reports), rtol, atol, method, batch, fd32_error)
+        leaf_reports.append(_leaf_report(path, c, r, fd_err, n, rtol, atol, counts))
+    return _summarise(tuple(leaf_reports), rtol, atol, method, fd32_error, dtype)
 
 
 def _is_int(a: Any) -> bool:
@@ -297,37 +312,64 @@ def _fd_error(cand: np.ndarray, fd_values: np.ndarray, reference: np.ndarray) ->
     return float(np.max(np.abs(cand - fd_values))) / (scale or 1.0)
 
 
+def _entry_differences(
+    key: _programs.LossKey,
+    step: float,
+    params: PyTree,
+    data: tuple[Any, Any, dict[str, Any]],
+    chosen: list[np.ndarray],
+) -> list[np.ndarray]:
+    """Float64 (or low-precision) central differences at the chosen entries, per leaf."""
+    values = np.asarray(
+        _programs.entry_differences(key, step, params, *data, *_programs.flat_pairs(chosen)),
+        np.float64,
+    )
+    return np.split(values, np.cumsum([len(c) for c in chosen])[:-1])
+
+
 def _directional_error(
-    loss: Callable[[PyTree], jax.Array],
+    key: _programs.LossKey,
     params64: PyTree,
+    data64: tuple[Any, Any, dict[str, Any]],
     cand: list[np.ndarray],
     reference: list[np.ndarray],
     count: int,
     rng: np.random.Generator,
 ) -> float:
     leaves, treedef = jax.tree.flatten(params64)
-    step = _fd.DEFAULT_STEP
-    errs, scales = [], []
-    for _ in range(count):
-        v = [rng.standard_normal(np.shape(leaf)) for leaf in leaves]
-        plus = treedef.unflatten([a + step * d for a, d in zip(leaves, v, strict=True)])
-        minus = treedef.unflatten([a - step * d for a, d in zip(leaves, v, strict=True)])
-        fd_value = float(loss(plus) - loss(minus)) / (2 * step)
-        errs.append(abs(sum(float(np.vdot(c, d)) for c, d in zip(cand, v, strict=True)) - fd_value))
-        scales.append(abs(sum(float(np.vdot(r, d)) for r, d in zip(reference, v, strict=True))))
-    return max(errs) / (max(scales) or 1.0)
+    v = [rng.standard_normal((count, *np.shape(leaf))) for leaf in leaves]
+    fd_values = np.asarray(
+        _programs.directional_differences(
+            key, _fd.DEFAULT_STEP, params64, *data64, treedef.unflatten(v)
+        )
+    )
+
+    def dot(grads: list[np.ndarray]) -> np.ndarray:  # <g, v> per direction, leaves flattened
+        return sum(d.reshape(count, -1) @ np.ravel(g) for d, g in zip(v, grads, strict=True))
+
+    scale = float(np.max(np.abs(dot(reference)))) or 1.0
+    return float(np.max(np.abs(dot(cand) - fd_values))) / scale
 
 
-def _float32_fd_error(
-    loss32: Callable[[PyTree], jax.Array],
-    params32: PyTree,
-    chosen: list[np.ndarray],
-    reference: list[np.ndarray],
+def _least_precise(tree: PyTree) -> str:
+    """The floating dtype with the largest machine epsilon among the leaves ("float64" if none)."""
+    dtypes = [
+        jnp.dtype(np.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype)
+        for leaf in jax.tree.leaves(tree)
+    ]
+    floats = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+    if not floats:
+        return "float64"
+    name = max(floats, key=lambda d: float(jnp.finfo(d).eps)).name
+    return name if name in DEFAULT_RTOL else "float32"
+
+
+def _low_precision_fd_error(
+    values: list[np.ndarray], chosen: list[np.ndarray], reference: list[np.ndarray]
 ) -> float:
-    """What a float32 finite-difference check (naive step 1e-6) would report against the truth."""
-    values = _fd.finite_difference_entries(loss32, params32, chosen, step=1e-6)
+    """What a finite-difference check in a low precision (its values) reports vs the truth."""
     errors = [
-        _fd_error(r.ravel()[idx], np.asarray(v, np.float64), r)
+        _fd_error(r.ravel()[idx], v, r)
         for r, idx, v in zip(reference, chosen, values, strict=True)
         if len(idx)
     ]
@@ -342,7 +384,7 @@ def _leaf_report(
     fd_count: int,
     rtol: float,
     atol: float,
-    batch: int,
+    counts: tuple[tuple[str, float], ...],
 ) -> LeafReport:
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     if cand.shape != ref.shape:
@@ -375,7 +417,7 @@ def _leaf_report(
             (path,),
         )
     else:
-        diag = _classify(path, cand, ref, rtol, atol, scale, batch)
+        diag = _classify(path, cand, ref, rtol, atol, scale, counts)
     return LeafReport(path, ref.shape, abs_err, rel_err, fd_err, fd_count, ok_auto and ok_fd, diag)
 
 
@@ -390,7 +432,7 @@ def _classify(
     rtol: float,
     atol: float,
     scale: float,
-    batch: int,
+    counts: tuple[tuple[str, float], ...],
 ) -> Diagnosis:
     # Fits are judged at a looser tolerance than the pass test: a candidate that is "-1 times
     # the truth up to float32 rounding" is still a sign flip.
@@ -419,7 +461,7 @@ def _classify(
                 c,
                 (path,),
             )
-        return Diagnosis(Kind.SCALED, f"{path} is {_describe_scale(c, batch)}", c, (path,))
+        return Diagnosis(Kind.SCALED, f"{path} is {_describe_scale(c, counts)}", c, (path,))
     return Diagnosis(
         Kind.UNEXPLAINED,
         f"{path} differs from the gradient by {float(np.max(np.abs(cand - ref))) / scale:.2e} "
@@ -429,13 +471,73 @@ def _classify(
     )
 
 
-def _describe_scale(c: float, batch: int) -> str:
+# What a factor c = n or c = 1/n of each natural count means, for the diagnosis.
+_COUNT_MEANINGS = {
+    "batch size": ("summed instead of averaged", "averaged twice"),
+    "number of classes": ("multiplied by the class count", "divided by the class count"),
+    "counted examples": ("summed instead of averaged", "averaged twice"),
+    "class-weight sum": ("summed instead of the weighted mean", "divided by the weight sum twice"),
+}
+
+
+def _describe_scale(c: float, counts: tuple[tuple[str, float], ...]) -> str:
+    """``c x the gradient``, naming every natural count ``n`` with ``|c| = n`` or ``1/n``.
+
+    One match names it (the batch size: sum vs mean); several matches (B = L = 4 with c = 1/4)
+    name them all rather than guess one.
+    """
     text = f"{c:.6g} x the gradient"
     sign = "" if c > 0 else ", with the sign flipped"
-    for factor, meaning in ((batch, "summed instead of averaged"), (1 / batch, "averaged twice")):
-        if batch > 1 and abs(abs(c) / factor - 1.0) < 1e-3:
-            return f"{text}: batch size {batch}, {meaning} (sum vs mean){sign}"
+    matches = []
+    for name, n in counts:
+        for factor, meaning in zip((n, 1 / n), _COUNT_MEANINGS[name], strict=True):
+            if n > 1 and abs(abs(c) / factor - 1.0) < 1e-3:
+                matches.append((name, n, meaning))
+    if len(matches) == 1:
+        name, n, meaning = matches[0]
+        return f"{text}: {name} {n:g}, {meaning} (sum vs mean){sign}"
+    if matches:
+        which = " or ".join(f"{name} {n:g} ({meaning})" for name, n, meaning in matches)
+        return f"{text}: ambiguous, the factor matches {which}; this check cannot tell which{sign}"
     return text + sign
+
+
+def _natural_counts(
+    predictor: Callable[[PyTree, Any], jax.Array],
+    params: PyTree,
+    x: Any,
+    labels: Any,
+    loss_options: dict[str, Any],
+) -> tuple[tuple[str, float], ...]:
+    """The counts a wrong normalisation can multiply or divide by, from shapes and label values.
+
+    Batch size and number of classes always; the counted examples (``where``, ``ignore_index``)
+    and their class-weight sum when they differ from the batch size.
+    """
+    axis = loss_options.get("axis", -1)
+    shape = jax.eval_shape(predictor, params, x).shape
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    num_classes = int(np.prod([shape[a] for a in axes]))
+    batch = int(np.prod(shape)) // num_classes
+    counts = [("batch size", float(batch)), ("number of classes", float(num_classes))]
+    if not _is_int(labels):
+        return tuple(counts)
+    y = np.asarray(labels).reshape(-1)
+    counted = np.ones(y.shape, bool)
+    where = loss_options.get("where")
+    if where is not None and np.size(where) == y.size:  # a per-example mask
+        counted &= np.asarray(where).reshape(-1)
+    if loss_options.get("ignore_index") is not None:
+        counted &= y != loss_options["ignore_index"]
+    if counted.sum() != batch:
+        counts.append(("counted examples", float(counted.sum())))
+    weights = loss_options.get("weights")
+    if weights is not None:
+        w = np.asarray(weights, np.float64)[np.where(counted, y, 0)]
+        total = float(np.sum(w[counted]))
+        if abs(total - counted.sum()) > 1e-9 * max(total, 1.0):
+            counts.append(("class-weight sum", total))
+    return tuple(counts)
 
 
 def _summarise(
@@ -443,8 +545,8 @@ def _summarise(
     rtol: float,
     atol: float,
     method: str,
-    batch: int,
     fd32_error: float | None,
+    dtype: str,
 ) -> GradCheckReport:
     failed = [r for r in leaves if not r.passed]
     notes: list[Diagnosis] = []
@@ -452,10 +554,10 @@ def _summarise(
         notes.append(
             Diagnosis(
                 Kind.FLOAT32_NOISE,
-                f"float32 noise: this gradient agrees with autodiff, but a float32 "
-                f"finite-difference check (step 1e-6) would report a relative error of "
-                f"{fd32_error:.1e} (> rtol {rtol:g}) and fail it; float32 differences are too "
-                "noisy to decide, which is why this check differences in float64",
+                f"{dtype} noise: this gradient agrees with autodiff, but a {dtype} "
+                f"finite-difference check (step {NAIVE_STEP[dtype]:g}) would report a relative "
+                f"error of {fd32_error:.1e} (> rtol {rtol:g}) and fail it; {dtype} differences "
+                "are too noisy to decide, which is why this check differences in float64",
                 None,
                 (),
             )
@@ -474,7 +576,9 @@ def _summarise(
             None,
             names,
         )
-    elif len(kinds) == 1 and (kinds != {Kind.SCALED} or np.allclose(scales, scales[0], rtol=1e-3)):
+    elif len(kinds) == 1 and (
+        kinds != {Kind.SCALED} or np.allclose(scales, scales[0], rtol=max(rtol, 1e-3))
+    ):
         first = failed[0].diagnosis
         message = first.message.replace(failed[0].path, "every leaf", 1)
         diag = Diagnosis(first.kind, message, first.scale, names)
