@@ -1,7 +1,7 @@
 """The benchmark program runs and writes its JSON, table and plot: it cannot rot.
 
-The whole ``--quick`` program (a dozen JAX processes, ~30 s) runs in the slow tier; the default
-tier times one tiny workload in-process with the same functions.
+Both in the slow tier (the default tier's 5 minutes are for the library's own proofs): the whole
+``--quick`` program (a dozen JAX processes, ~30 s), and one tiny workload timed in-process.
 """
 
 import json
@@ -18,6 +18,7 @@ from jxent.predictors import linear
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_one_workload_in_process_times_every_variant_and_the_peak():
     peak_run, peak_flops = run.matmul_peak_run(64)
     params = linear.init(jax.random.key(0), 8, 5)

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,15 +100,32 @@ def test_rows_sum_to_zero_and_loss_is_nonnegative(spec):
         np.testing.assert_allclose(np.sum(g, axis=-1), 0.0, atol=1e-12)
 
 
-@settings(max_examples=10, deadline=None)
-@given(
+LINEAR_PROBLEMS = (
     problems(max_batch=13, max_classes=11),
     st.integers(1, 8),
     st.integers(1, 12),
     st.integers(1, 4),
 )
+
+
+@settings(max_examples=5, deadline=None)
+@given(*LINEAR_PROBLEMS)
 def test_linear_cross_entropy_equals_the_materialised_reference(spec, chunk, block, dim):
     """Random N, L, chunk and block sizes (ragged or larger than N, L), options and pairs."""
+    _check_linear(spec, chunk, block, dim)
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None)
+@given(*LINEAR_PROBLEMS)
+def test_linear_cross_entropy_equals_the_materialised_reference_more_examples(
+    spec, chunk, block, dim
+):
+    """The same property on 40 drawn problems (each compiles two programs: the slow tier)."""
+    _check_linear(spec, chunk, block, dim)
+
+
+def _check_linear(spec, chunk, block, dim):
     spec = {**spec, "magnitude": min(spec["magnitude"], 30.0)}
     with jax.enable_x64(True):
         logits, labels, opts = build(spec)
