@@ -329,3 +329,48 @@ def test_a_sum_over_the_counted_examples_is_named_as_such():
     report = check(candidate, apply, params, x, y, ignore_index=-100)
     assert "counted examples 6, summed instead of averaged" in report.diagnosis.message
     assert "batch size" not in report.diagnosis.message
+
+
+def test_a_bfloat16_sum_instead_of_mean_still_names_the_batch_size():
+    apply, params, x, y = instance("mlp", jnp.bfloat16)
+    summed = jxent.grad(apply, reduction="sum")  # B = 8 times the mean's gradient, in bf16
+    report = check(summed, apply, params, x, y)
+    assert report.diagnosis.kind is Kind.SCALED
+    assert f"batch size {B}, summed instead of averaged" in report.diagnosis.message
+
+
+def test_scale_words_follow_the_reduction_checked():
+    apply, params, x, y = instance("linear")
+    mean_of_sum = jxent.grad(apply)  # the mean's gradient offered for reduction="sum"
+    report = check(mean_of_sum, apply, params, x, y, reduction="sum")
+    assert f"batch size {B}, averaged instead of summed" in report.diagnosis.message
+    with pytest.raises(ValueError, match="scalar loss: reduction 'mean' or 'sum'"):
+        check(mean_of_sum, apply, params, x, y, reduction="none")
+
+
+def test_cli_user_code_that_cannot_run_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    from jxent._cli import main
+
+    (tmp_path / "usermodel.py").write_text(
+        "import jax, jax.numpy as jnp\n"
+        "def init(key):\n    return {'w': jax.random.normal(key, (3, 4))}\n"
+        "def broken_init(key):\n    raise ValueError('init exploded')\n"
+        "def apply(p, x):\n    return x @ p['w']\n"
+        "def with_aux(p, x):\n    return x @ p['w'], None\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for argv, message in [
+        (["--features", "5"], "cannot run usermodel:apply on x of shape (8, 5)"),
+        (["--features", "3", "--init", "usermodel:broken_init"], "ValueError: init exploded"),
+        (["--features", "3", "--predictor", "usermodel:with_aux"], "pass has_aux=True"),
+    ]:
+        base = ["check", "--predictor", "usermodel:apply", "--init", "usermodel:init"]
+        assert main(base + argv) == 2  # a repeated flag: argparse takes the last
+        err = capsys.readouterr().err
+        assert message in err
+        assert err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_info:  # argparse: bad usage is exit code 2 too
+        main(["check", "--predictor", "usermodel:apply", "--init", "usermodel:init",
+              "--features", "3", "--batch", "0"])  # fmt: skip
+    assert exit_info.value.code == 2

@@ -3,6 +3,7 @@ signatures, metrics that count what the loss counts, per-batch masks, and evalua
 compiles once. References: ``jax.value_and_grad(..., has_aux=True)`` of the plainly written loss,
 and accuracies counted with numpy."""
 
+import functools
 import inspect
 import itertools
 
@@ -205,6 +206,11 @@ def test_a_tuple_without_has_aux_is_a_clear_error():
         jxent.value_and_grad(two)(params, x, y)
     with pytest.raises(TypeError, match="returned a tuple of 2"):
         jax.jit(jxent.grad(two))(params, x, y)
+    # every entry point that takes a predictor says the same
+    with pytest.raises(TypeError, match=r"returned a tuple of 2 .*pass has_aux=True"):
+        jxent.train.evaluate(two, params, x, y)
+    with pytest.raises(TypeError, match=r"returned a tuple of 2 .*pass has_aux=True"):
+        jxent.check_grads(jxent.grad(linear.apply), two, params, x, y)
     with pytest.raises(
         TypeError, match=r"must return \(logits, aux\), found one array of shape \(2, 4\)"
     ):
@@ -315,10 +321,12 @@ def test_accuracy_with_probability_labels_and_a_per_logit_mask():
 def test_evaluate_compiles_once_for_repeated_calls():
     params = mlp.init(jax.random.key(0), [3, 4, 5])
     x, y = jnp.ones((6, 3)), jnp.arange(6) % 5
-    jxent.train.evaluate(mlp.apply, params, x, y, label_smoothing=0.1)
+    jxent.train.evaluate(mlp.apply, params, x, y, label_smoothing=0.1, where=x[:, 0] > 0)
     size = jxent.train._evaluate_jit._cache_size()
-    for eps in (0.2, 0.3):
-        jxent.train.evaluate(mlp.apply, params, x, y, label_smoothing=eps)
+    for epoch in range(3):  # new parameters and masks every "epoch": one compilation in all
+        params = jax.tree.map(lambda a: a * 0.9, params)
+        mask = jnp.arange(6) != epoch
+        jxent.train.evaluate(mlp.apply, params, x, y, label_smoothing=0.1, where=mask)
     assert jxent.train._evaluate_jit._cache_size() == size
 
 
@@ -366,3 +374,39 @@ def test_misspelled_option_names_the_function_and_the_closest_option(call, name)
         r"did you mean 'label_smoothing'\?",
     ):
         call()
+
+
+# --- what a new user tried next ------------------------------------------------------------
+
+
+def test_stateful_step_in_bfloat16_passes_state_and_key_through():
+    params, stats, x, y = flax_problem()
+    opt = optax.sgd(0.1)
+    step = jxent.train.make_step(flax_train, opt, has_aux=True, compute_dtype=jnp.bfloat16)
+    state = jxent.train.init_state(params, opt, model_state=stats, key=jax.random.key(0))
+    state, metrics = step(state, x[0], y[0])
+    assert np.isfinite(float(metrics["loss"]))
+    assert jax.tree.leaves(state.params)[0].dtype == jnp.float32  # float32 master parameters
+    assert not np.allclose(state.model_state["BatchNorm_0"]["mean"], stats["BatchNorm_0"]["mean"])
+
+
+def test_misplaced_and_ignored_arguments_are_errors():
+    params = linear.init(jax.random.key(0), 3, 4)
+    x, y = jnp.ones((8, 3)), jnp.arange(8) % 4
+    opt = optax.sgd(0.1)
+    step = jxent.train.make_step(linear.apply, opt)
+    for name, value in [("axis", 1), ("ignore_index", 3), ("logit_softcap", 5.0)]:
+        with pytest.raises(TypeError, match=rf"{name}= shapes the compiled step: give it to"):
+            step(jxent.train.init_state(params, opt), x, y, **{name: value})
+    with pytest.raises(ValueError, match="evaluate reports one loss"):
+        jxent.train.evaluate(linear.apply, params, x, y, reduction="none")
+    fit = functools.partial(
+        jxent.train.fit, linear.apply, params, opt, epochs=1, batch_size=4,
+        key=jax.random.key(0), progress=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"data must be \(x, labels\) or \(x, labels, where\)"):
+        fit((x, y, y > 0, y))
+    with pytest.raises(ValueError, match="eval_predictor is for has_aux=True"):
+        fit((x, y), eval_data=(x, y), eval_predictor=lambda p, x, s: linear.apply(p, x))
+    with pytest.raises(TypeError, match="logits must be one array, found a tuple"):
+        jxent.softmax_cross_entropy((x, x), y)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ import numpy as np
 from jxent import _check_programs as _programs
 from jxent import _fd
 from jxent._options import check_option_names
+from jxent._vjp import logits_only
 
 PyTree = Any
 
@@ -227,6 +228,11 @@ def check_grads(
         (True, <Kind.OK: 'ok'>)
     """
     check_option_names(loss_options, "check_grads")
+    if loss_options.get("reduction", "mean") == "none":
+        raise ValueError(
+            "check_grads checks the gradient of a scalar loss: reduction 'mean' or 'sum', found "
+            "'none' (the gradient of reduction='none' losses summed is the 'sum' one)"
+        )
     if fd not in ("entries", "directions"):
         raise ValueError(f"fd must be 'entries' or 'directions', found {fd!r}")
     candidate = grad_fn(params, x, labels)
@@ -284,7 +290,7 @@ def check_grads(
     leaf_reports = []
     for path, c, r, fd_err, n in zip(paths, cand, reference, fd_errors, fd_counts, strict=True):
         leaf_reports.append(_leaf_report(path, c, r, fd_err, n, rtol, atol, counts))
-    return _summarise(tuple(leaf_reports), rtol, atol, method, fd32_error, dtype)
+    return _summarise(tuple(leaf_reports), rtol, atol, method, fd32_error, dtype, counts)
 
 
 def _is_int(a: Any) -> bool:
@@ -321,7 +327,7 @@ def _entry_differences(
 ) -> list[np.ndarray]:
     """Float64 (or low-precision) central differences at the chosen entries, per leaf."""
     values = np.asarray(
-        _programs.entry_differences(key, step, params, *data, *_programs.flat_pairs(chosen)),
+        _programs.entry_differences(key, step, params, data, *_programs.flat_pairs(chosen)),
         np.float64,
     )
     return np.split(values, np.cumsum([len(c) for c in chosen])[:-1])
@@ -340,7 +346,7 @@ def _directional_error(
     v = [rng.standard_normal((count, *np.shape(leaf))) for leaf in leaves]
     fd_values = np.asarray(
         _programs.directional_differences(
-            key, _fd.DEFAULT_STEP, params64, *data64, treedef.unflatten(v)
+            key, _fd.DEFAULT_STEP, params64, data64, treedef.unflatten(v)
         )
     )
 
@@ -384,7 +390,7 @@ def _leaf_report(
     fd_count: int,
     rtol: float,
     atol: float,
-    counts: tuple[tuple[str, float], ...],
+    counts: Counts,
 ) -> LeafReport:
     scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     if cand.shape != ref.shape:
@@ -432,7 +438,7 @@ def _classify(
     rtol: float,
     atol: float,
     scale: float,
-    counts: tuple[tuple[str, float], ...],
+    counts: Counts,
 ) -> Diagnosis:
     # Fits are judged at a looser tolerance than the pass test: a candidate that is "-1 times
     # the truth up to float32 rounding" is still a sign flip.
@@ -461,7 +467,8 @@ def _classify(
                 c,
                 (path,),
             )
-        return Diagnosis(Kind.SCALED, f"{path} is {_describe_scale(c, counts)}", c, (path,))
+        message = f"{path} is {_describe_scale(c, counts, fit_tol)}"
+        return Diagnosis(Kind.SCALED, message, c, (path,))
     return Diagnosis(
         Kind.UNEXPLAINED,
         f"{path} differs from the gradient by {float(np.max(np.abs(cand - ref))) / scale:.2e} "
@@ -471,27 +478,40 @@ def _classify(
     )
 
 
-# What a factor c = n or c = 1/n of each natural count means, for the diagnosis.
+class Counts(NamedTuple):
+    """The natural counts a wrong normalisation multiplies or divides by, and the reduction."""
+
+    items: tuple[tuple[str, float], ...]  # (name, n)
+    reduction: str
+
+
+# What a factor c = n or c = 1/n of each natural count means, by the loss's reduction.
+_MEAN_MEANINGS = ("summed instead of averaged", "averaged twice")
+_SUM_MEANINGS = ("multiplied by it twice", "averaged instead of summed")
 _COUNT_MEANINGS = {
-    "batch size": ("summed instead of averaged", "averaged twice"),
     "number of classes": ("multiplied by the class count", "divided by the class count"),
-    "counted examples": ("summed instead of averaged", "averaged twice"),
     "class-weight sum": ("summed instead of the weighted mean", "divided by the weight sum twice"),
 }
 
 
-def _describe_scale(c: float, counts: tuple[tuple[str, float], ...]) -> str:
+def _meanings(name: str, reduction: str) -> tuple[str, str]:
+    if name in _COUNT_MEANINGS:
+        return _COUNT_MEANINGS[name]
+    return _SUM_MEANINGS if reduction == "sum" else _MEAN_MEANINGS
+
+
+def _describe_scale(c: float, counts: Counts, tol: float) -> str:
     """``c x the gradient``, naming every natural count ``n`` with ``|c| = n`` or ``1/n``.
 
-    One match names it (the batch size: sum vs mean); several matches (B = L = 4 with c = 1/4)
-    name them all rather than guess one.
+    Matched within ``tol`` (relative), the fit tolerance of the candidate's dtype. One match
+    names it (the batch size: sum vs mean); several (B = L = 4 with c = 1/4) name them all.
     """
     text = f"{c:.6g} x the gradient"
     sign = "" if c > 0 else ", with the sign flipped"
     matches = []
-    for name, n in counts:
-        for factor, meaning in zip((n, 1 / n), _COUNT_MEANINGS[name], strict=True):
-            if n > 1 and abs(abs(c) / factor - 1.0) < 1e-3:
+    for name, n in counts.items:
+        for factor, meaning in zip((n, 1 / n), _meanings(name, counts.reduction), strict=True):
+            if n > 1 and abs(abs(c) / factor - 1.0) < tol:
                 matches.append((name, n, meaning))
     if len(matches) == 1:
         name, n, meaning = matches[0]
@@ -508,20 +528,21 @@ def _natural_counts(
     x: Any,
     labels: Any,
     loss_options: dict[str, Any],
-) -> tuple[tuple[str, float], ...]:
+) -> Counts:
     """The counts a wrong normalisation can multiply or divide by, from shapes and label values.
 
     Batch size and number of classes always; the counted examples (``where``, ``ignore_index``)
     and their class-weight sum when they differ from the batch size.
     """
     axis = loss_options.get("axis", -1)
-    shape = jax.eval_shape(predictor, params, x).shape
+    shape = jax.eval_shape(lambda p, x: logits_only(predictor(p, x)), params, x).shape
     axes = axis if isinstance(axis, tuple) else (axis,)
     num_classes = int(np.prod([shape[a] for a in axes]))
     batch = int(np.prod(shape)) // num_classes
     counts = [("batch size", float(batch)), ("number of classes", float(num_classes))]
+    reduction = loss_options.get("reduction", "mean")
     if not _is_int(labels):
-        return tuple(counts)
+        return Counts(tuple(counts), reduction)
     y = np.asarray(labels).reshape(-1)
     counted = np.ones(y.shape, bool)
     where = loss_options.get("where")
@@ -537,7 +558,7 @@ def _natural_counts(
         total = float(np.sum(w[counted]))
         if abs(total - counted.sum()) > 1e-9 * max(total, 1.0):
             counts.append(("class-weight sum", total))
-    return tuple(counts)
+    return Counts(tuple(counts), reduction)
 
 
 def _summarise(
@@ -547,6 +568,7 @@ def _summarise(
     method: str,
     fd32_error: float | None,
     dtype: str,
+    counts: Counts,
 ) -> GradCheckReport:
     failed = [r for r in leaves if not r.passed]
     notes: list[Diagnosis] = []
@@ -580,8 +602,13 @@ def _summarise(
         kinds != {Kind.SCALED} or np.allclose(scales, scales[0], rtol=max(rtol, 1e-3))
     ):
         first = failed[0].diagnosis
-        message = first.message.replace(failed[0].path, "every leaf", 1)
-        diag = Diagnosis(first.kind, message, first.scale, names)
+        if first.kind is Kind.SCALED:  # the leaves' common factor, described once
+            scale = float(np.mean(scales))
+            message = f"every leaf is {_describe_scale(scale, counts, max(rtol, 1e-3))}"
+            diag = Diagnosis(Kind.SCALED, message, scale, names)
+        else:
+            message = first.message.replace(failed[0].path, "every leaf", 1)
+            diag = Diagnosis(first.kind, message, first.scale, names)
     else:
         detail = "; ".join(r.diagnosis.message for r in failed)
         diag = Diagnosis(

@@ -22,11 +22,11 @@ from jax import lax
 
 from jxent import _fd
 from jxent._loss import softmax_cross_entropy
+from jxent._options import split_static
+from jxent._vjp import logits_only
 
 PyTree = Any
-# Options that change the program's structure, plus any option given as a Python scalar
-# (static, so the loss validates its value at trace time exactly as it does eagerly).
-_STATIC_OPTIONS = ("axis", "reduction", "ignore_index", "logit_softcap")
+Data = tuple[Any, Any, dict[str, Any]]  # inputs x, labels, array options
 
 
 class LossKey(NamedTuple):
@@ -69,17 +69,12 @@ def split(
     predictor: Callable[[PyTree, Any], jax.Array], options: dict[str, Any]
 ) -> tuple[LossKey, dict[str, Any]]:
     """``(key, arrays)``: the static part of a loss and its array options."""
-    static, arrays = [], {}
-    for name, value in options.items():
-        if name in _STATIC_OPTIONS or isinstance(value, (int, float)):
-            static.append((name, value))
-        else:
-            arrays[name] = value
-    return LossKey(_Predictor(predictor), tuple(sorted(static))), arrays
+    static, arrays = split_static(options)
+    return LossKey(_Predictor(predictor), static), arrays
 
 
 def _loss(key: LossKey, params: PyTree, x: Any, labels: Any, arrays: dict[str, Any]) -> jax.Array:
-    logits = key.predictor.fn(params, x)
+    logits = logits_only(key.predictor.fn(params, x))
     return softmax_cross_entropy(logits, labels, **dict(key.static), **arrays)
 
 
@@ -93,39 +88,22 @@ def reference_grad(
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def entry_differences(
-    key: LossKey,
-    step: float,
-    params: PyTree,
-    x: Any,
-    labels: Any,
-    arrays: dict[str, Any],
-    leaf_ids: jax.Array,
-    entries: jax.Array,
+    key: LossKey, step: float, params: PyTree, data: Data, leaf_ids: jax.Array, entries: jax.Array
 ) -> jax.Array:
     """Central differences of the loss at the ``(leaf, flat entry)`` pairs, in one program."""
-    return _fd.pair_differences(
-        lambda p: _loss(key, p, x, labels, arrays), params, leaf_ids, entries, step
-    )
+    return _fd.pair_differences(lambda p: _loss(key, p, *data), params, leaf_ids, entries, step)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def directional_differences(
-    key: LossKey,
-    step: float,
-    params: PyTree,
-    x: Any,
-    labels: Any,
-    arrays: dict[str, Any],
-    directions: PyTree,
+    key: LossKey, step: float, params: PyTree, data: Data, directions: PyTree
 ) -> jax.Array:
     r""":math:`(J(\theta + hv) - J(\theta - hv)) / 2h` for each direction (leading axis)."""
 
     def one(v: PyTree) -> jax.Array:
         plus = jax.tree.map(lambda a, d: a + step * d, params, v)
         minus = jax.tree.map(lambda a, d: a - step * d, params, v)
-        return (_loss(key, plus, x, labels, arrays) - _loss(key, minus, x, labels, arrays)) / (
-            2 * step
-        )
+        return (_loss(key, plus, *data) - _loss(key, minus, *data)) / (2 * step)
 
     return lax.map(one, directions)
 

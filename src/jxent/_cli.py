@@ -16,6 +16,7 @@ from jxent import _demo
 from jxent._check import check_grads
 from jxent._mistakes import MISTAKES
 from jxent._vjp import grad as hand_grad
+from jxent._vjp import logits_only
 from jxent.predictors import embedding, linear, mlp
 
 
@@ -48,10 +49,23 @@ def _check_builtin(dtype: Any) -> bool:
 def _check_user(args: argparse.Namespace) -> bool:
     apply, init = _load(args.predictor), _load(args.init)
     k_init, k_x, k_y = jax.random.split(jax.random.key(args.seed), 3)
-    params = init(k_init)
     x = jax.random.normal(k_x, (args.batch, args.features))
-    classes = jax.eval_shape(apply, params, x).shape[-1]
-    y = jax.random.randint(k_y, (args.batch,), 0, classes)
+    # Running the user's init and predictor on the inputs their flags describe: a failure here
+    # is not a failed gradient check (exit 1) but a check that could not run (exit 2).
+    try:
+        params = init(k_init)
+        logits = jax.eval_shape(lambda p, x: logits_only(apply(p, x)), params, x)
+        if len(logits.shape) != 2 or logits.shape[0] != args.batch:
+            raise ValueError(
+                f"the predictor must map x of shape {x.shape} to logits of shape "
+                f"({args.batch}, classes), found {logits.shape}"
+            )
+    except Exception as err:
+        raise LoadError(
+            f"cannot run {args.predictor} on x of shape {x.shape} (--batch, --features) with "
+            f"params from {args.init}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        ) from err
+    y = jax.random.randint(k_y, (args.batch,), 0, logits.shape[-1])
     report = check_grads(hand_grad(apply), apply, params, x, y)
     print(f"== {args.predictor}: jxent.grad vs jax.grad and float64 finite differences")
     print(report)
@@ -123,6 +137,13 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jxent",
@@ -150,8 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--predictor", help="your predictor as module:function(params, x)")
     check.add_argument("--init", help="its initialiser as module:function(key) -> params")
-    check.add_argument("--features", type=int, help="input dimension D of your predictor")
-    check.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    check.add_argument("--features", type=_positive, help="input dimension D of your predictor")
+    check.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
     check.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     check.set_defaults(run=_check)
     return parser

@@ -49,6 +49,11 @@ def _prepare(
 ) -> _Problem:
     """Validates every argument once; returns the static config and the kernel's arrays."""
     _options.check_option_names(unknown, function)
+    if isinstance(logits, (tuple, list, dict)):
+        raise TypeError(
+            f"logits must be one array, found a {type(logits).__name__}; a predictor that returns "
+            "(logits, aux) needs has_aux=True where it is given to jxent"
+        )
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
     layout = _validate.check_logits(logits, axis)
     soft = _validate.check_labels(logits.shape, labels, layout)

@@ -67,6 +67,22 @@ class Arrays(NamedTuple):
     z_loss: jax.Array  # scalar z
 
 
+# Options that shape a loss's program; with Python scalars they are the static part of a jitted
+# loss (hashable, and validated at trace time as eagerly), the rest are traced arrays.
+STRUCTURAL_OPTIONS = ("axis", "reduction", "ignore_index", "logit_softcap")
+
+
+def split_static(options: dict[str, Any]) -> tuple[tuple[tuple[str, Any], ...], dict[str, Any]]:
+    """``(static, arrays)``: structural options and Python scalars, sorted; the array options."""
+    static, arrays = [], {}
+    for name, value in options.items():
+        if name in STRUCTURAL_OPTIONS or isinstance(value, (int, float)):
+            static.append((name, value))
+        else:
+            arrays[name] = value
+    return tuple(sorted(static)), arrays
+
+
 def is_concrete(value: Any) -> bool:
     """True when ``value`` holds numbers now, i.e. it is not a tracer."""
     return value is None or not isinstance(value, jax.core.Tracer)

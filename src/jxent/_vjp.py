@@ -133,14 +133,15 @@ def loss_grads_and_logits(
     if has_aux:
         logits, pullback, aux = jax.vjp(lambda p: _pair(predictor(p, x)), params, has_aux=True)
     else:
-        logits, pullback = jax.vjp(lambda p: _logits_only(predictor(p, x)), params)
+        logits, pullback = jax.vjp(lambda p: logits_only(predictor(p, x)), params)
         aux = None
     loss, cotangent = loss_and_logits_grad(logits, labels, **{**loss_options, **call_options})
     (grads,) = pullback(cotangent)
     return LossGradsLogits(loss, grads, logits, aux)
 
 
-def _logits_only(out: Any) -> Any:
+def logits_only(out: Any) -> Any:
+    """``out``, or a ``TypeError`` saying to pass ``has_aux=True`` when it is a tuple/list/dict."""
     if isinstance(out, (tuple, list, dict)):
         kind = type(out).__name__
         size = f" of {len(out)}" if isinstance(out, (tuple, list)) else ""

@@ -21,8 +21,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jxent._loss import _prepare, softmax_cross_entropy
-from jxent._options import check_option_names
-from jxent._vjp import Predictor, loss_grads_and_logits
+from jxent._options import STRUCTURAL_OPTIONS, check_option_names, split_static
+from jxent._vjp import Predictor, logits_only, loss_grads_and_logits
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -97,8 +97,9 @@ def mixed_precision(predictor: Predictor, compute_dtype: Any) -> Predictor:
             tree,
         )
 
-    def low_precision(params: PyTree, x: Any) -> jax.Array:
-        return predictor(cast(params), cast(x))
+    def low_precision(params: PyTree, x: Any, *rest: Any) -> Any:
+        # rest: the stateful form's model state and key (make_step(has_aux=True)), as given
+        return predictor(cast(params), cast(x), *rest)
 
     return low_precision
 
@@ -209,6 +210,12 @@ def make_step(
     model = predictor if compute_dtype is None else mixed_precision(predictor, compute_dtype)
 
     def step(state: TrainState, x: Any, labels: Any, **options: Any) -> tuple[TrainState, Metrics]:
+        for name in STRUCTURAL_OPTIONS:
+            if name in options:
+                raise TypeError(
+                    f"{name}= shapes the compiled step: give it to make_step(..., {name}=...), "
+                    "not to the step call (per-batch options are arrays such as where=)"
+                )
         if has_aux:
             key = None if state.key is None else jax.random.fold_in(state.key, state.step)
 
@@ -251,17 +258,14 @@ def make_step(
     return sharded_step
 
 
-# Options that decide the program's structure: static under jit. The others are arrays.
-_STATIC_OPTIONS = ("axis", "reduction", "ignore_index", "logit_softcap")
-
-
 def evaluate(
     predictor: Predictor, params: PyTree, x: Any, labels: Any, **loss_options: Any
 ) -> dict[str, float]:
     """Loss and accuracy of ``predictor`` on a whole data set (one jitted call).
 
     The compiled function is cached by predictor, shapes and static options (``axis``,
-    ``reduction``, ``ignore_index``, ``logit_softcap``): calling ``evaluate`` again after every
+    ``reduction``, ``ignore_index``, ``logit_softcap`` and options given as Python numbers;
+    arrays such as ``where`` or ``weights`` are traced): calling ``evaluate`` again after every
     epoch does not recompile. Pass the same predictor object each time (a new ``lambda`` or
     ``functools.partial`` per call is a new function to JAX).
 
@@ -277,8 +281,11 @@ def evaluate(
         ``{"loss": float, "accuracy": float, "count": float}``.
     """
     check_option_names(loss_options, "evaluate")
-    static = tuple(sorted((k, v) for k, v in loss_options.items() if k in _STATIC_OPTIONS))
-    arrays = {k: v for k, v in loss_options.items() if k not in _STATIC_OPTIONS}
+    if loss_options.get("reduction", "mean") == "none":
+        raise ValueError(
+            "evaluate reports one loss: reduction must be 'mean' or 'sum', found 'none'"
+        )
+    static, arrays = split_static(loss_options)
     scores = _evaluate_jit(predictor, static, params, x, labels, arrays)
     return {k: float(v) for k, v in scores.items()}
 
@@ -293,7 +300,7 @@ def _evaluate_jit(
     arrays: dict[str, Any],
 ) -> Metrics:
     options = {**dict(static), **arrays}
-    logits = predictor(params, x)
+    logits = logits_only(predictor(params, x))
     return _metrics(softmax_cross_entropy(logits, labels, **options), None, logits, labels, options)
 
 
@@ -357,6 +364,13 @@ def fit(
         ValueError: ``batch_size`` larger than the data; ``has_aux`` with ``eval_data`` but no
             ``eval_predictor``.
     """
+    for name, given in (("data", data), ("eval_data", eval_data)):
+        if given is not None and len(given) not in (2, 3):
+            raise ValueError(
+                f"{name} must be (x, labels) or (x, labels, where), found {len(given)}"
+            )
+    if eval_predictor is not None and not has_aux:
+        raise ValueError("eval_predictor is for has_aux=True; without it, eval uses the predictor")
     arrays = tuple(jnp.asarray(a) for a in data)
     steps = arrays[0].shape[0] // batch_size
     if steps == 0:
