@@ -395,7 +395,12 @@ def test_misplaced_and_ignored_arguments_are_errors():
     x, y = jnp.ones((8, 3)), jnp.arange(8) % 4
     opt = optax.sgd(0.1)
     step = jxent.train.make_step(linear.apply, opt)
-    for name, value in [("axis", 1), ("ignore_index", 3), ("logit_softcap", 5.0)]:
+    for name, value in [
+        ("axis", 1),
+        ("ignore_index", 3),
+        ("logit_softcap", 5.0),
+        ("reduction", "sum"),
+    ]:
         with pytest.raises(TypeError, match=rf"{name}= shapes the compiled step: give it to"):
             step(jxent.train.init_state(params, opt), x, y, **{name: value})
     with pytest.raises(ValueError, match="evaluate reports one loss"):

@@ -210,12 +210,6 @@ def make_step(
     model = predictor if compute_dtype is None else mixed_precision(predictor, compute_dtype)
 
     def step(state: TrainState, x: Any, labels: Any, **options: Any) -> tuple[TrainState, Metrics]:
-        for name in STRUCTURAL_OPTIONS:
-            if name in options:
-                raise TypeError(
-                    f"{name}= shapes the compiled step: give it to make_step(..., {name}=...), "
-                    "not to the step call (per-batch options are arrays such as where=)"
-                )
         if has_aux:
             key = None if state.key is None else jax.random.fold_in(state.key, state.step)
 
@@ -235,7 +229,15 @@ def make_step(
         return new, metrics
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
+        jitted_step = jax.jit(step, donate_argnums=0)
+
+        def checked_step(
+            state: TrainState, x: Any, labels: Any, **options: Any
+        ) -> tuple[TrainState, Metrics]:
+            _reject_structural(options)
+            return jitted_step(state, x, labels, **options)
+
+        return checked_step
     replicated = NamedSharding(mesh, PartitionSpec())
     batch = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     # No in_shardings: the inputs are placed below and jit follows them, which also covers
@@ -245,6 +247,7 @@ def make_step(
     def sharded_step(
         state: TrainState, x: Any, labels: Any, **options: Any
     ) -> tuple[TrainState, Metrics]:
+        _reject_structural(options)
         rows = jnp.shape(x)[0]
 
         def place(a: Any) -> Any:
@@ -256,6 +259,16 @@ def make_step(
         return jitted(state, x, labels, **jax.tree.map(place, options))
 
     return sharded_step
+
+
+def _reject_structural(options: dict[str, Any]) -> None:
+    """Checked before ``jit`` sees them: a string ``reduction`` would not even trace."""
+    for name in STRUCTURAL_OPTIONS:
+        if name in options:
+            raise TypeError(
+                f"{name}= shapes the compiled step: give it to make_step(..., {name}=...), "
+                "not to the step call (per-batch options are arrays such as where=)"
+            )
 
 
 def evaluate(
