@@ -142,7 +142,7 @@ class GradCheckReport:
 # float64: rounding ~1e-16 per operation leaves six orders of margin. float32: gradients of
 # O(1e6)-parameter models carry ~1e-6..1e-5 relative rounding. bfloat16 (8 significant bits,
 # unit roundoff u = 2^-8) and float16 (11 bits, u = 2^-11): correct gradients of the built-in
-# predictors computed in them were off by up to 2.6e-2 (bf16, ~7 u) and 1.9e-3 (f16, ~16 u)
+# predictors computed in them were off by up to 2.6e-2 (bf16, ~7 u) and 1.9e-3 (f16, ~4 u)
 # over 5 seeds; 16 u (2^-4, 2^-7) covers both with margin, and a sign flip (error 2), a zero
 # (1), a factor 2 (1) or 1/2 (0.5) still fail by far.
 DEFAULT_RTOL = {"float64": 1e-6, "float32": 1e-4, "float16": 2.0**-7, "bfloat16": 2.0**-4}
