@@ -355,6 +355,8 @@ def test_cli_user_code_that_cannot_run_exits_2_with_one_line(tmp_path, monkeypat
         "import jax, jax.numpy as jnp\n"
         "def init(key):\n    return {'w': jax.random.normal(key, (3, 4))}\n"
         "def broken_init(key):\n    raise ValueError('init exploded')\n"
+        "def silent_init(key):\n    raise RuntimeError()\n"
+        "def chatty_init(key):\n    raise RuntimeError('line one\\nline two')\n"
         "def apply(p, x):\n    return x @ p['w']\n"
         "def with_aux(p, x):\n    return x @ p['w'], None\n"
     )
@@ -364,6 +366,8 @@ def test_cli_user_code_that_cannot_run_exits_2_with_one_line(tmp_path, monkeypat
         (["--features", "5"], "cannot run usermodel:apply on x of shape (8, 5)"),
         (["--features", "3", "--init", "usermodel:broken_init"], "ValueError: init exploded"),
         (["--features", "3", "--predictor", "usermodel:with_aux"], "pass has_aux=True"),
+        (["--features", "3", "--init", "usermodel:silent_init"], ": RuntimeError\n"),
+        (["--features", "3", "--init", "usermodel:chatty_init"], "RuntimeError: line one\n"),
     ]:
         base = ["check", "--predictor", "usermodel:apply", "--init", "usermodel:init"]
         assert main(base + argv) == 2  # a repeated flag: argparse takes the last

@@ -63,7 +63,7 @@ def _check_user(args: argparse.Namespace) -> bool:
     except Exception as err:
         raise LoadError(
             f"cannot run {args.predictor} on x of shape {x.shape} (--batch, --features) with "
-            f"params from {args.init}: {type(err).__name__}: {str(err).splitlines()[0]}"
+            f"params from {args.init}: {_first_line(err)}"
         ) from err
     y = jax.random.randint(k_y, (args.batch,), 0, logits.shape[-1])
     report = check_grads(hand_grad(apply), apply, params, x, y)
@@ -94,7 +94,16 @@ def _demo_mistakes() -> bool:
 
 
 class LoadError(Exception):
-    """A ``module:function`` the CLI could not load (exit code 2, distinct from a failed check)."""
+    """A check that could not run: user code not loadable or not runnable on the flags' inputs.
+
+    Exit code 2, distinct from 1 (a gradient check that ran and failed).
+    """
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message``: the one line the CLI prints for a failure."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _load(spec: str) -> Callable[..., Any]:
@@ -111,7 +120,7 @@ def _load(spec: str) -> Callable[..., Any]:
     except Exception as err:  # any failure while importing the user's module is a load failure
         raise LoadError(
             f"cannot import module {module_name!r} (from {spec!r}, searched from "
-            f"{os.getcwd()}): {type(err).__name__}: {err}"
+            f"{os.getcwd()}): {_first_line(err)}"
         ) from err
     try:
         fn = getattr(module, name)
