@@ -10,9 +10,10 @@ from jxent._check import (
     check_grads,
 )
 from jxent._checked import checked
+from jxent._curvature import ggn_vector_product, hessian_vector_product
 from jxent._fd import finite_difference_entries, finite_difference_grad
 from jxent._linear import linear_cross_entropy, vocab_parallel_linear_cross_entropy
-from jxent._loss import logits_grad, loss_and_logits_grad, softmax_cross_entropy
+from jxent._loss import logits_grad, logits_hvp, loss_and_logits_grad, softmax_cross_entropy
 from jxent._vjp import batched, grad, value_and_grad
 
 __version__ = "0.1.0"
@@ -28,9 +29,12 @@ __all__ = [
     "checked",
     "finite_difference_entries",
     "finite_difference_grad",
+    "ggn_vector_product",
     "grad",
+    "hessian_vector_product",
     "linear_cross_entropy",
     "logits_grad",
+    "logits_hvp",
     "loss_and_logits_grad",
     "predictors",
     "softmax_cross_entropy",

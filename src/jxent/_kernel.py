@@ -207,10 +207,9 @@ def block_stats(s: jax.Array, t: jax.Array) -> Stats:
 
 def rebase(stats: Stats, m: jax.Array) -> Stats:
     """The same statistics relative to a new max ``m >= stats.m`` (``m`` may come from pmax)."""
-    ref = reference(m)
-    factor = jnp.where(stats.m == NEG_INF, 0.0, jnp.exp(stats.m - ref))
-    shift = reference(stats.m) - ref  # finite: both references are
-    return Stats(m, stats.se * factor, stats.tds + stats.tsum * shift, stats.tsum)
+    shift = reference(stats.m) - reference(m)  # finite: both references are
+    se = rebase_sum(stats.se, stats.m, m)
+    return Stats(m, se, stats.tds + stats.tsum * shift, stats.tsum)
 
 
 def merge(a: Stats, b: Stats) -> Stats:
@@ -268,18 +267,103 @@ def grad_block(
     :math:`G = (p\,(aT + 2bz\operatorname{lse}) - a\,t) \odot ds/dx`; zero for rows that do not
     count, NaN for bad rows. ``stats`` are the whole row's (:math:`T`, the log-sum-exp).
     """
-    # p = exp((s - ref) - log se): s - lse would round lse's low digits away (p near 1).
-    log_se = jnp.where(rows.counted, jnp.log(stats.se), jnp.inf)  # uncounted rows: p = 0
     a = jnp.where(rows.bad, jnp.nan, a)
-    coef = a * stats.tsum
-    if config.has_z_loss:
-        coef = coef + 2.0 * arrays.z_loss * b * safe_lse(rows, finish(stats)[0])
-    rel = s - reference(stats.m)[:, None]
-    g = jnp.exp(rel - log_se[:, None]) * coef[:, None] - a[:, None] * target.t
+    g = score_grad(config, rows, arrays, s, target, stats, a, b)
     if ds is not None:
         g = g * ds
     # Exact zeros for rows that do not count, even if their logits are NaN or 0 * inf (padding).
     return jnp.where(rows.counted[:, None], g, 0.0)
+
+
+def probabilities(rows: Rows, s: jax.Array, stats: Stats) -> jax.Array:
+    """:math:`p` on a block from the whole row's statistics; 0 in rows that do not count."""
+    # p = exp((s - ref) - log se): s - lse would round lse's low digits away (p near 1).
+    log_se = jnp.where(rows.counted, jnp.log(stats.se), jnp.inf)
+    return jnp.exp(s - reference(stats.m)[:, None] - log_se[:, None])
+
+
+def score_grad(
+    config: Config,
+    rows: Rows,
+    arrays: Arrays,
+    s: jax.Array,
+    target: Target,
+    stats: Stats,
+    a: jax.Array,
+    b: jax.Array,
+) -> jax.Array:
+    r""":math:`\partial(\text{row share})/\partial s = p\,(aT + 2bz\operatorname{lse}) - a\,t`."""
+    coef = a * stats.tsum
+    if config.has_z_loss:
+        coef = coef + 2.0 * arrays.z_loss * b * safe_lse(rows, finish(stats)[0])
+    return probabilities(rows, s, stats) * coef[:, None] - a[:, None] * target.t
+
+
+def tangent_sum(s: jax.Array, ds: jax.Array | None, m: jax.Array, v: jax.Array) -> jax.Array:
+    r""":math:`\sum_l e^{s_l - \mathrm{ref}(m)}\,(s'_l v_l)` over a block ``[R, size]`` -> ``[R]``.
+
+    Divided by the row's ``se`` (after :func:`rebase_sum` to the row's max) it is
+    :math:`p \cdot \dot s`, the softmax-weighted tangent that every curvature product needs.
+    """
+    dv = v if ds is None else v * ds
+    weight = jnp.exp(s - reference(m)[:, None])
+    return jnp.sum(jnp.where(weight == 0.0, 0.0, weight * dv), axis=-1)
+
+
+def rebase_sum(value: jax.Array, m: jax.Array, new_m: jax.Array) -> jax.Array:
+    """A sum of ``exp(s - ref(m)) * ...`` re-expressed relative to ``new_m >= m``."""
+    return value * jnp.where(m == NEG_INF, 0.0, jnp.exp(m - reference(new_m)))
+
+
+def curvature_block(
+    config: Config,
+    rows: Rows,
+    arrays: Arrays,
+    s: jax.Array,
+    ds: jax.Array | None,
+    target: Target,
+    stats: Stats,
+    a: jax.Array,
+    b: jax.Array,
+    v: jax.Array,
+    p_dot_v: jax.Array,
+    *,
+    ggn: bool,
+) -> jax.Array:
+    r"""The hand-derived curvature product of the row share on one block ``[R, size]``.
+
+    With :math:`\dot s = s' \odot v` (:math:`s' = ds/dx`, 1 without a cap),
+    :math:`\pi = p\cdot\dot s` (``p_dot_v``, over the whole row), :math:`c = aT + 2bz\,
+    \operatorname{lse}`:
+
+    .. math::
+
+        H_s \dot s = c\,(p\odot\dot s - p\,\pi) + 2bz\,p\,\pi, \qquad
+        H_x v = s' \odot H_s\dot s + (\partial\ell/\partial s)\odot s''\odot v,
+
+    :math:`s'' = -(2/c_{\text{cap}})(s/c_{\text{cap}})\,s'`. ``ggn=True`` gives the positive
+    semi-definite Gauss-Newton part instead: :math:`c = aT` (the z-loss as the square of the
+    residual :math:`\operatorname{lse}`, whose Gauss-Newton term is :math:`2bz\,pp^\top`) and no
+    :math:`s''` term (the cap is part of the model). Zero in rows that do not count, NaN in bad.
+    """
+    p = probabilities(rows, s, stats)
+    dv = v if ds is None else v * ds
+    a = jnp.where(rows.bad, jnp.nan, a)
+    coef = a * stats.tsum
+    lse = safe_lse(rows, finish(stats)[0])
+    if config.has_z_loss and not ggn:
+        coef = coef + 2.0 * arrays.z_loss * b * lse
+    pi = p_dot_v[:, None]
+    out = coef[:, None] * p * (dv - pi)
+    if config.has_z_loss:
+        out = out + (2.0 * arrays.z_loss * b)[:, None] * p * pi
+    if ds is not None:
+        out = out * ds
+        if not ggn:
+            c = config.logit_softcap
+            s2 = jnp.where(s == NEG_INF, 0.0, -(2.0 / c) * (s / c) * ds)
+            out = out + score_grad(config, rows, arrays, s, target, stats, a, b) * s2 * v
+    return jnp.where(rows.counted[:, None], out, 0.0)
 
 
 class LabelCoefficients(NamedTuple):

@@ -89,6 +89,7 @@ class _Forward(NamedTuple):
     grad: jax.Array | None
     rows: Rows
     s: jax.Array
+    ds: jax.Array | None
     target: Target
     stats: _kernel.Stats
     lse: jax.Array
@@ -132,7 +133,7 @@ def _forward(
         grad = _kernel.grad_block(config, rows, arrays, s, ds, target, stats, a, b)
     mean_ce = jnp.sum(jnp.where(rows.counted, a * ce, 0.0))
     normaliser_sum = _kernel.denominator(rows.counted, n)
-    return _Forward(loss, grad, rows, s, target, stats, lse, a, b, mean_ce, normaliser_sum)
+    return _Forward(loss, grad, rows, s, ds, target, stats, lse, a, b, mean_ce, normaliser_sum)
 
 
 def _is_zero(tangent: Any) -> bool:
@@ -180,7 +181,10 @@ def _loss_fn(config: Config) -> Any:
         return _forward(config, *args, with_grad=False).loss
 
     def loss_jvp(primals, tangents):
-        fwd = _forward(config, *primals, with_grad=not _is_zero(tangents[0]))
+        fwd = _forward(config, *primals, with_grad=False)
+        if not _is_zero(tangents[0]):
+            # G through its own custom_jvp: a second derivative uses the hand-derived Hessian.
+            fwd = fwd._replace(grad=_grad_fn(config)(*primals))
         return fwd.loss, _tangent(config, fwd, Arrays(*primals[5:]), tangents)
 
     loss_fn.defjvp(loss_jvp, symbolic_zeros=True)
@@ -194,10 +198,83 @@ def _loss_and_grad_fn(config: Config) -> Any:
     """The loss and :math:`G` for one static config, jitted like :func:`_loss_fn`."""
 
     def loss_and_grad(*args: Any) -> tuple[jax.Array, jax.Array]:
-        fwd = _forward(config, *args, with_grad=True)
-        return fwd.loss, fwd.grad
+        return _forward(config, *args, with_grad=False).loss, _grad_fn(config)(*args)
 
     return jax.jit(loss_and_grad)
+
+
+# The arguments of the loss's custom_jvp that may carry tangents besides the logits: probability
+# labels, class weights, label smoothing and the z-loss coefficient.
+_OTHER_FLOATS = (1, 5, 6, 7)
+
+
+@functools.lru_cache(maxsize=256)
+def _grad_fn(config: Config) -> Any:
+    r""":math:`G` as a custom_jvp whose tangent along the logits is the hand-derived :math:`Hv`.
+
+    So ``jax.hessian``, ``jax.jvp(jax.grad(...))`` and the forward-over-reverse
+    :func:`jxent.hessian_vector_product` use :func:`_kernel.curvature_block`. Tangents along the
+    labels, class weights, :math:`\varepsilon` and :math:`z` (mixed second derivatives)
+    differentiate the same row formula with JAX.
+    """
+
+    def plain(*args: Any) -> jax.Array:
+        return _forward(config, *args, with_grad=True).grad
+
+    @jax.custom_jvp
+    def grad_fn(*args: Any) -> jax.Array:
+        return plain(*args)
+
+    def grad_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+        grad = plain(*primals)
+        if _is_zero(tangents[0]):
+            dot = jnp.zeros_like(grad)
+        else:
+            dot = _curvature(config, False, *primals, tangents[0])
+        moving = [i for i in _OTHER_FLOATS if not _is_zero(tangents[i])]
+        moving = [i for i in moving if i != 1 or config.soft]
+        if moving:
+
+            def along(*values: jax.Array) -> jax.Array:
+                args = list(primals)
+                for i, value in zip(moving, values, strict=True):
+                    args[i] = value
+                return plain(*args)
+
+            primal_in = [primals[i] for i in moving]
+            dot = dot + jax.jvp(along, primal_in, [tangents[i] for i in moving])[1]
+        return grad, dot
+
+    grad_fn.defjvp(grad_jvp, symbolic_zeros=True)
+    return grad_fn
+
+
+def _curvature(config: Config, ggn: bool, *args: Any) -> jax.Array:
+    """The hand-derived Hessian (or GGN) of the reduced loss with respect to ``x``, times ``v``."""
+    *primals, v = args
+    fwd = _forward(config, *primals, with_grad=False)
+    se = jnp.where(fwd.rows.counted, fwd.stats.se, 1.0)
+    p_dot_v = _kernel.tangent_sum(fwd.s, fwd.ds, fwd.stats.m, v) / se
+    arrays = Arrays(*primals[5:])
+    return _kernel.curvature_block(
+        config,
+        fwd.rows,
+        arrays,
+        fwd.s,
+        fwd.ds,
+        fwd.target,
+        fwd.stats,
+        fwd.a,
+        fwd.b,
+        v,
+        p_dot_v,
+        ggn=ggn,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _curvature_fn(config: Config, ggn: bool) -> Any:
+    return jax.jit(functools.partial(_curvature, config, ggn))
 
 
 def loss_and_logits_grad(
@@ -388,3 +465,92 @@ def logits_grad(
     problem = _prepare("logits_grad", logits, labels, axis=axis, reduction=reduction, **options)
     grad = _loss_and_grad_fn(problem.config)(*problem.args)[1]
     return problem.layout.from_rows(grad).astype(jnp.asarray(logits).dtype)
+
+
+Curvature = Literal["hessian", "ggn"]
+
+
+def logits_hvp(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    tangents: ArrayLike,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    reduction: Reduction = "mean",
+    curvature: Curvature = "hessian",
+    **options: Any,
+) -> jax.Array:
+    r"""The hand-derived Hessian of the loss with respect to the logits, times ``tangents``.
+
+    For one example with scores :math:`s` (the logits, soft-capped if ``logit_softcap``),
+    :math:`p = \operatorname{softmax}(s)`, effective target :math:`t`, :math:`T = \sum_l t_l`
+    and z-loss coefficient :math:`z` (see :func:`loss_and_logits_grad`), the loss
+    :math:`\ell = T\operatorname{lse}(s) - t\cdot s + z\operatorname{lse}(s)^2` has
+
+    .. math::
+
+        \nabla^2_s \ell = (T + 2z\operatorname{lse})\,\big(\operatorname{diag}(p) - pp^\top\big)
+        + 2z\,pp^\top, \qquad
+        \nabla^2_s \ell\; v = (T + 2z\operatorname{lse})\,\big(p\odot v - p\,(p\cdot v)\big)
+        + 2z\,p\,(p\cdot v),
+
+    :math:`O(L)` per example, never an :math:`L\times L` matrix. With a soft cap
+    :math:`s = c\tanh(x/c)`, :math:`s' = 1 - (s/c)^2`, :math:`s'' = -(2/c)(s/c)s'`:
+    :math:`\nabla^2_x\ell\,v = s'\odot\nabla^2_s\ell\,(s'\odot v)
+    + (\nabla_s\ell)\odot s''\odot v`. Masks, ignored labels, class weights and the reduction's
+    scaling enter as in the gradient; with ``reduction="none"`` row ``i`` is the product with
+    example ``i``'s own Hessian (the Hessian of the sum is block-diagonal).
+
+    ``curvature="ggn"`` gives the generalised Gauss-Newton part, positive semi-definite for
+    non-negative targets and weights: :math:`T(\operatorname{diag}(p) - pp^\top) + 2z\,pp^\top`
+    in :math:`s`, and :math:`s'\odot(\cdot)\odot s'` for the cap, which counts as part of the
+    model (no :math:`s''` term). The z-loss enters as the Gauss-Newton term of the square of the
+    residual :math:`\operatorname{lse}` (the :math:`2z\operatorname{lse}\,(\operatorname{diag}(p)
+    - pp^\top)` term, indefinite for :math:`\operatorname{lse} < 0`, is left out). Without a
+    z-loss, for plain labels (:math:`T = 1`), it is the Fisher information of the categorical
+    distribution :math:`p` in :math:`s`. ``docs/derivation.md`` derives both.
+
+    Args:
+        logits: Floating scores with classes along ``axis``.
+        labels: Integer class indices or probabilities.
+        tangents: The direction :math:`v`, shaped like ``logits``, floating.
+        axis: The class axis, or a tuple of axes.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        curvature: ``"hessian"`` (exact) or ``"ggn"``.
+        **options: As for :func:`loss_and_logits_grad`.
+
+    Returns:
+        :math:`\nabla^2_{\text{logits}} J\,v` with the logits' shape and dtype (computed in
+        float32 for bf16/float16 logits). Zero in examples that do not count; NaN in examples
+        with a bad label under ``jit``, as the gradient.
+
+    Raises:
+        TypeError: As :func:`loss_and_logits_grad`; non-floating ``tangents``.
+        ValueError: As :func:`loss_and_logits_grad`; ``tangents`` not shaped like the logits;
+            an unknown ``curvature``.
+
+    Examples:
+        >>> import jax.numpy as jnp, jxent
+        >>> logits, v = jnp.array([[0.0, 0.0]]), jnp.array([[1.0, 0.0]])
+        >>> print(jxent.logits_hvp(logits, jnp.array([0]), v))  # (diag(p) - pp^T) v, p = 1/2
+        [[ 0.25 -0.25]]
+
+    References:
+        Martens 2020, "New insights and perspectives on the natural gradient method"
+        (GGN and Fisher); Schraudolph 2002 (Gauss-Newton products); BackPACK and curvlinops
+        (softmax Hessian factorisations); PaLM (z-loss), Gemma 2 (soft cap).
+    """
+    if curvature not in ("hessian", "ggn"):
+        raise ValueError(f"curvature must be 'hessian' or 'ggn', found {curvature!r}")
+    problem = _prepare("logits_hvp", logits, labels, axis=axis, reduction=reduction, **options)
+    v = jnp.asarray(tangents)
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+        raise TypeError(f"tangents must have a floating dtype, found {v.dtype}")
+    if v.shape != jnp.shape(logits):
+        raise ValueError(
+            f"tangents must have the logits' shape {jnp.shape(logits)}, found {v.shape}"
+        )
+    x = problem.args[0]
+    v = problem.layout.to_rows(v).astype(x.dtype)
+    out = _curvature_fn(problem.config, curvature == "ggn")(*problem.args, v)
+    return problem.layout.from_rows(out).astype(jnp.asarray(logits).dtype)
