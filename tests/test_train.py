@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import jxent
-from _reference import reference_loss
+from _reference import max_rel_error, reference_loss
 from jxent.predictors import mlp
 
 HERE = Path(__file__).parent
@@ -147,6 +147,11 @@ def test_data_parallel_steps_on_8_devices_and_on_2_processes_equal_one_device():
         np.testing.assert_allclose(res[run]["losses"], res["single"]["losses"], rtol=1e-5)
         for a, b in zip(res[run]["params"], res["single"]["params"]):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # Curvature products with the batch sharded over the mesh equal those on one device.
+    for name in ("ggn_vector_product", "hessian_vector_product"):
+        one, sharded = res[name]
+        # float32, summed in another order: relative to the largest entry (FLOAT32_RTOL's note)
+        assert max_rel_error([np.asarray(a) for a in sharded], [np.asarray(a) for a in one]) < 1e-5
     # and the masked loss is what the plain loss gives on the first batch
     x = jax.random.normal(jax.random.key(1), (5, 32, 12))[0]
     y = jax.random.randint(jax.random.key(2), (5, 32), 0, 5)[0]

@@ -13,6 +13,7 @@ from jxent._checked import checked
 from jxent._curvature import ggn_vector_product, hessian_vector_product
 from jxent._fd import finite_difference_entries, finite_difference_grad
 from jxent._linear import linear_cross_entropy, vocab_parallel_linear_cross_entropy
+from jxent._linear_ggn import linear_cross_entropy_ggn_vector_product
 from jxent._loss import logits_grad, logits_hvp, loss_and_logits_grad, softmax_cross_entropy
 from jxent._vjp import batched, grad, value_and_grad
 
@@ -33,6 +34,7 @@ __all__ = [
     "grad",
     "hessian_vector_product",
     "linear_cross_entropy",
+    "linear_cross_entropy_ggn_vector_product",
     "logits_grad",
     "logits_hvp",
     "loss_and_logits_grad",

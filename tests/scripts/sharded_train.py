@@ -57,6 +57,15 @@ mesh = jxent.train.data_mesh()
 if jax.process_count() == 1:
     batches = [(x[i], y[i], where) for i in range(5)]
     results = {"single": run(None, batches), "sharded": run(mesh, batches)}
+    # Curvature products on the data-parallel mesh: the batch sharded, the result as on one device.
+    v = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype), params)
+    data = NamedSharding(mesh, PartitionSpec(jxent.train.DATA_AXIS))
+    for name in ("ggn_vector_product", "hessian_vector_product"):
+        product = jax.jit(getattr(jxent, name)(mlp.apply, label_smoothing=0.1, z_loss=1e-3))
+        one = product(params, x[0], y[0], v, where=where)
+        xs, ys, ws = (jax.device_put(a, data) for a in (x[0], y[0], where))
+        sharded = product(params, xs, ys, v, where=ws)
+        results[name] = [[np.asarray(a).tolist() for a in jax.tree.leaves(t)] for t in (one, sharded)]
 else:
     # This process's half of every global batch, assembled into global arrays.
     sharding = NamedSharding(mesh, PartitionSpec(jxent.train.DATA_AXIS))

@@ -1,0 +1,286 @@
+r"""The Gauss-Newton product of the linear + cross-entropy head, chunked: no ``[N, L]`` buffer.
+
+For :math:`z = xW + b` the GGN product with respect to :math:`(x, W, b)` along
+:math:`(\dot x, \dot W, \dot b)` is
+
+.. math::
+
+    \dot z = \dot x W + x\dot W + \dot b, \qquad u_i = H_{\text{GGN},i}\,\dot z_i, \qquad
+    (g_x, g_W, g_b) = \big(uW^\top,\; x^\top u,\; \textstyle\sum_i u_i\big),
+
+with :math:`H_{\text{GGN}}` the row kernel's :func:`_kernel.curvature_block`. Each row of
+:math:`u` needs two whole-row numbers: the log-sum-exp and :math:`p\cdot(s'\odot\dot z)`. So the
+schedule is the loss's: tokens in chunks, and within a chunk the vocabulary in blocks, twice.
+Pass A folds each block's online-softmax statistics with :func:`_kernel.merge` and the
+softmax-weighted tangent :func:`_kernel.tangent_sum`, rebased to the running max like the sum of
+exponentials; pass B forms each block's :math:`z, \dot z` again, its :math:`u`, and accumulates
+:math:`g_x \mathrel{+}= u_b W_b^\top`, :math:`g_{W_b} \mathrel{+}= x^\top u_b`. When the
+vocabulary is one block, the two passes share the block (one pass of matmuls).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.typing import ArrayLike
+
+from jxent import _kernel, _linear
+from jxent._kernel import Rows
+from jxent._loss import Reduction
+from jxent._options import Arrays, Config
+
+
+class _Present(NamedTuple):
+    """Which tangents were given (static): a missing one is zero and costs no matmul."""
+
+    x: bool
+    w: bool
+    b: bool
+    bias: bool  # the head has a bias (so g_b is returned)
+
+
+def linear_cross_entropy_ggn_vector_product(
+    x: ArrayLike,
+    w: ArrayLike,
+    labels: ArrayLike,
+    tangents: tuple[ArrayLike | None, ArrayLike | None, ArrayLike | None],
+    *,
+    bias: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    vocab_block_size: int | None = None,
+    reduction: Reduction = "mean",
+    weights: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    logit_softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    r"""The GGN product of :func:`jxent.linear_cross_entropy` w.r.t. ``(x, w, bias)``, chunked.
+
+    For the language-model head :math:`z = xW + b` and ``tangents`` :math:`(\dot x, \dot W,
+    \dot b)`:
+
+    .. math::
+
+        \dot z = \dot x W + x \dot W + \dot b, \qquad u = H_{\text{GGN}}\,\dot z, \qquad
+        (g_x, g_W, g_b) = \big(u W^\top,\ x^\top u,\ \textstyle\sum_i u_i\big),
+
+    where :math:`H_{\text{GGN}}` is the per-token positive semi-definite logits curvature of
+    :func:`jxent.logits_hvp` with ``curvature="ggn"`` (:math:`T(\operatorname{diag}(p) - pp^\top)
+    + 2z\,pp^\top`, the soft cap as part of the model). Equal to
+    ``jxent.ggn_vector_product`` of ``lambda p, _: p[0] @ p[1] + p[2]`` on ``(x, w, bias)`` with
+    every option, but the logits and their tangents exist only as ``[chunk_size,
+    vocab_block_size]`` blocks: two passes over the vocabulary per chunk of tokens, the first for
+    the log-sum-exp and :math:`p\cdot\dot z`, the second for :math:`u` and the products.
+
+    It is the head's part of a language model's GGN product: with the body's hidden states
+    :math:`x = f(\theta, \text{tokens})`, pass :math:`\dot x = J_f\dot\theta` (``jax.jvp`` or
+    ``jax.linearize`` of the body) and pull :math:`g_x` back through the body (its ``jax.vjp``),
+    adding :math:`g_W, g_b` for the head's own parameters; the README shows it for a transformer.
+    ``reduction="none"`` gives the product for the sum of the per-token losses.
+
+    Args:
+        x: Hidden states ``[N, D]``.
+        w: Output projection ``[D, L]``.
+        labels: Integer class indices ``[N]`` or probabilities ``[N, L]``.
+        tangents: ``(x_dot, w_dot, b_dot)`` shaped like ``x``, ``w`` and ``bias``; any may be
+            ``None`` (zero), ``b_dot`` must be ``None`` without a ``bias``.
+        bias: Optional ``[L]``.
+        chunk_size: Tokens per chunk (default as :func:`jxent.linear_cross_entropy`).
+        vocab_block_size: Classes per block (default 2048); the last block may be smaller.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        weights: Per-class weights ``[L]``.
+        where: Boolean mask ``[N]`` of tokens that count.
+        ignore_index: Label value of tokens that do not count.
+        label_smoothing: As in :func:`jxent.loss_and_logits_grad`.
+        z_loss: As in :func:`jxent.loss_and_logits_grad`.
+        logit_softcap: As in :func:`jxent.loss_and_logits_grad`.
+
+    Returns:
+        ``(g_x, g_w, g_b)`` in the dtypes of ``x``, ``w`` and ``bias`` (accumulated in float32
+        for bf16/float16 inputs); ``g_b`` is ``None`` without a ``bias``.
+
+    Raises:
+        TypeError: As :func:`jxent.linear_cross_entropy`; ``tangents`` not a triple, or a
+            non-floating tangent.
+        ValueError: As :func:`jxent.linear_cross_entropy`; a tangent whose shape differs from
+            its primal's; ``b_dot`` without a ``bias``.
+
+    Examples:
+        >>> import jax.numpy as jnp, jxent
+        >>> x, w = jnp.ones((3, 4)), jnp.zeros((4, 5))
+        >>> gx, gw, gb = jxent.linear_cross_entropy_ggn_vector_product(
+        ...     x, w, jnp.array([0, 1, 2]), (None, jnp.ones((4, 5)), None))
+        >>> print(gx.shape, gw.shape, gb)
+        (3, 4) (4, 5) None
+
+    References:
+        Schraudolph 2002 (Gauss-Newton products); Martens 2020 (GGN and Fisher); Liger Kernel
+        and Wijmans et al. 2024 (chunked linear cross-entropy).
+    """
+    function = "linear_cross_entropy_ggn_vector_product"
+    options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
+    options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
+    options |= {"logit_softcap": logit_softcap}
+    config, args = _linear._prepare(function, x, w, labels, bias, where, options)
+    dots = _check_tangents(tangents, args, bias is not None)
+    present = _Present(*(d is not None for d in dots), bias is not None)
+    sched = _linear._Schedule(
+        chunk=chunk_size or _linear.default_chunk_size(args.x.shape[0], config.num_classes),
+        block=vocab_block_size or _linear._VOCAB_BLOCK,
+    )
+    _linear._check_schedule(sched)
+    zero = jnp.zeros((), args.x.dtype)  # stands in for a missing tangent (never used)
+    dots = tuple(zero if d is None else d for d in dots)
+    gx, gw, gb = _ggn_fn(config, sched, present)(args, dots)
+    return gx, gw, gb if present.bias else None
+
+
+def _check_tangents(tangents: Any, args: _linear._Args, has_bias: bool) -> tuple:
+    if not (isinstance(tangents, (tuple, list)) and len(tangents) == 3):
+        raise TypeError(
+            "tangents must be a triple (x_dot, w_dot, b_dot) (None for a zero tangent), found "
+            f"{type(tangents).__name__}"
+            + (f" of {len(tangents)}" if isinstance(tangents, (tuple, list)) else "")
+        )
+    out = []
+    for name, dot, primal in zip(("x_dot", "w_dot", "b_dot"), tangents, args[:3], strict=True):
+        if dot is None:
+            out.append(None)
+            continue
+        if name == "b_dot" and not has_bias:
+            raise ValueError("b_dot must be None when there is no bias (pass bias= for its GGN)")
+        dot = jnp.asarray(dot)
+        if not jnp.issubdtype(dot.dtype, jnp.floating):
+            raise TypeError(f"{name} must have a floating dtype, found {dot.dtype}")
+        if dot.shape != primal.shape:
+            raise ValueError(f"{name} must have shape {primal.shape}, found {dot.shape}")
+        out.append(dot)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _ggn_fn(config: Config, sched: _linear._Schedule, present: _Present) -> Any:
+    def run(args: _linear._Args, dots: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
+        rows = Rows(args.labels, args.counted, args.bad)
+        a, b_scale, _ = _kernel.row_scales(config, rows, args.weights)
+        gx, gw, gb = _scan(config, sched, present, args, dots, a, b_scale)
+        gx = gx.astype(args.x.dtype)
+        return gx, gw.astype(args.w.dtype), gb.astype(args.b.dtype)
+
+    return jax.jit(run)
+
+
+def _scan(
+    config: Config,
+    sched: _linear._Schedule,
+    present: _Present,
+    args: _linear._Args,
+    dots: tuple,
+    a: jax.Array,
+    b_scale: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x, w = args.x, args.w
+    x_dot, w_dot, b_dot = dots
+    num_tokens, dim = x.shape
+    num_classes = w.shape[1]
+    acc = _linear.accumulation_dtype(x, w)
+    chunk = sched.chunk
+    chunks = -(-num_tokens // chunk)
+    pad = chunks * chunk - num_tokens
+    block = min(sched.block, num_classes)
+    full_blocks, rest = divmod(num_classes, block)
+
+    def split(v: jax.Array) -> jax.Array:
+        v = jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
+        return v.reshape((chunks, chunk, *v.shape[1:]))
+
+    per_token = {"x": x, "labels": args.labels, "counted": args.counted, "bad": args.bad}
+    per_token |= {"a": a, "b_scale": b_scale}
+    if present.x:
+        per_token["x_dot"] = x_dot
+    per_token = {k: split(v) for k, v in per_token.items()}
+
+    def logits_block(c: dict, rows: Rows, start: Any, size: int) -> tuple:
+        """Block ``[start, start + size)``: W_b, s, ds/dx, target, local options and z's tangent."""
+        w_b = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+        z = jnp.dot(c["x"], w_b, preferred_element_type=acc)
+        z = z + lax.dynamic_slice_in_dim(args.b, start, size).astype(acc)[None, :]
+        s, ds = _kernel.cap(config, z)
+        local = Arrays(lax.dynamic_slice_in_dim(args.weights, start, size), args.eps, args.z)
+        weights = local.weights if config.has_weights else None
+        if config.soft:
+            q = lax.dynamic_slice_in_dim(rows.labels, start, size, axis=1)
+            target = _kernel.target_block(config, q, weights, args.eps, s, 0)
+        else:
+            target = _kernel.target_block(config, rows.labels, weights, args.eps, s, start)
+        z_dot = jnp.zeros(z.shape, acc)
+        if present.x:
+            z_dot = z_dot + jnp.dot(c["x_dot"], w_b, preferred_element_type=acc)
+        if present.w:
+            w_dot_b = lax.dynamic_slice_in_dim(w_dot, start, size, axis=1)
+            z_dot = z_dot + jnp.dot(c["x"], w_dot_b, preferred_element_type=acc)
+        if present.b:
+            z_dot = z_dot + lax.dynamic_slice_in_dim(b_dot, start, size).astype(acc)[None, :]
+        return w_b, s, ds, target, local, z_dot
+
+    def over_blocks(step: Any, carry: Any) -> Any:
+        if full_blocks == 1 and not rest:  # one block: no loop, so both passes share it
+            return step(carry, 0, block)
+        go = lambda j, c: step(c, j * block, block)  # noqa: E731
+        carry = lax.fori_loop(0, full_blocks, go, carry)
+        return step(carry, full_blocks * block, rest) if rest else carry
+
+    def body(carry: dict, c: dict) -> tuple[dict, jax.Array]:
+        rows = Rows(c["labels"], c["counted"], c["bad"])
+
+        def pass_a(state: tuple, start: Any, size: int) -> tuple:
+            st, tan = state
+            _, s, ds, target, _, z_dot = logits_block(c, rows, start, size)
+            new = _kernel.merge(st, _kernel.block_stats(s, target.t))
+            tan = _kernel.rebase_sum(tan, st.m, new.m) + _kernel.tangent_sum(s, ds, new.m, z_dot)
+            return new, tan
+
+        zeros = jnp.zeros((chunk,), acc)
+        st, tan = over_blocks(pass_a, (_kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros), zeros))
+        empty = _kernel.finish(st)[2]
+        rows = rows._replace(bad=rows.bad | (rows.counted & empty))
+        p_dot = tan / jnp.where(rows.counted & ~empty, st.se, 1.0)
+
+        def pass_b(g: dict, start: Any, size: int) -> dict:
+            w_b, s, ds, target, local, z_dot = logits_block(c, rows, start, size)
+            u = _kernel.curvature_block(
+                config,
+                rows,
+                local,
+                s,
+                ds,
+                target,
+                st,
+                c["a"],
+                c["b_scale"],
+                z_dot,
+                p_dot,
+                ggn=True,
+            )
+            u_in = u.astype(x.dtype)
+            g = dict(g)
+            g["gx"] = g["gx"] + _linear._matmul(u_in, w_b.T, acc)
+            upd = lax.dynamic_slice_in_dim(g["gw"], start, size, axis=1)
+            upd = upd + _linear._matmul(c["x"].T, u_in, acc)
+            g["gw"] = lax.dynamic_update_slice_in_dim(g["gw"], upd, start, axis=1)
+            upd = lax.dynamic_slice_in_dim(g["gb"], start, size) + jnp.sum(u, axis=0)
+            g["gb"] = lax.dynamic_update_slice_in_dim(g["gb"], upd, start, axis=0)
+            return g
+
+        g = over_blocks(pass_b, {"gx": jnp.zeros((chunk, dim), acc), **carry})
+        return {"gw": g["gw"], "gb": g["gb"]}, g["gx"]
+
+    init = {"gw": jnp.zeros((dim, num_classes), acc), "gb": jnp.zeros((num_classes,), acc)}
+    carry, gx = lax.scan(body, init, per_token)
+    return gx.reshape(-1, dim)[:num_tokens], carry["gw"], carry["gb"]
