@@ -345,6 +345,9 @@ def run_all(mode: str, repeats: int) -> dict[str, Any]:
     for tokens in sweep_n:
         chosen = JAX_VOCAB[::2] if not quick else JAX_VOCAB[2:]
         out["sweep_N"] += vocab_rows(tokens, d, s(32768, 2048), "float32", chosen, 3)
+    from benchmarks import curvature  # imports this module: not at the top
+
+    out["curvature"] = curvature.run(s, repeats)
     return out
 
 
@@ -396,7 +399,9 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {shape} | {r['dtype']} | {r['variant']} | {r['median_s']:.2f} | {ratio:.2f}× "
             f"| {r['above_inputs_mib']:.0f} | {r['scratch_mib']:.0f} | {100 * frac:.0f} % |"
         )
-    return "\n".join(lines) + "\n"
+    from benchmarks import curvature
+
+    return "\n".join(lines) + "\n" + curvature.markdown(res)
 
 
 def plots(res: dict[str, Any], path: Path) -> None:

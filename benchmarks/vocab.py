@@ -76,6 +76,8 @@ def jax_variants(name: str, n: int, d: int, vocab: int, dtype: str) -> tuple[Cal
             return jxent.linear_cross_entropy(x, w, y, chunk_size=chunk)
 
         fn = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))
+    elif "ggn" in name:
+        return _ggn_variant(name, x, w, y)
     else:
         raise SystemExit(f"unknown variant {name}")
     jax.block_until_ready((x, w, y))
@@ -84,6 +86,51 @@ def jax_variants(name: str, n: int, d: int, vocab: int, dtype: str) -> tuple[Cal
     def run():
         return jax.block_until_ready(compiled(x, w))
 
+    return run, x.size * x.dtype.itemsize + w.size * w.dtype.itemsize
+
+
+GGN_VOCAB = [
+    "jxent.ggn_vector_product (materialised)",
+    "jxent.linear_cross_entropy_ggn_vector_product (chunked)",
+]
+
+
+def ggn_programs(x, w, y):
+    """The head's GGN product along (x_dot, w_dot): materialised logits, or chunked."""
+    import jax.numpy as jnp
+
+    import jxent
+
+    def materialised(x, w, x_dot, w_dot):
+        head = lambda p, _: jnp.dot(p[0], p[1], preferred_element_type=jnp.float32)  # noqa: E731
+        return jxent.ggn_vector_product(head)((x, w), None, y, (x_dot, w_dot))
+
+    def chunked(x, w, x_dot, w_dot):
+        return jxent.linear_cross_entropy_ggn_vector_product(x, w, y, (x_dot, w_dot, None))[:2]
+
+    return dict(zip(GGN_VOCAB, (materialised, chunked), strict=True))
+
+
+def ggn_tangents(x, w):
+    import jax
+
+    k1, k2 = jax.random.split(jax.random.key(3))
+    x_dot = jax.random.normal(k1, x.shape).astype(x.dtype)
+    w_dot = (jax.random.normal(k2, w.shape) / w.shape[0] ** 0.5).astype(w.dtype)
+    return x_dot, w_dot
+
+
+def _ggn_variant(name, x, w, y):
+    import jax
+
+    x_dot, w_dot = ggn_tangents(x, w)
+    jax.block_until_ready((x, w, y, x_dot, w_dot))
+    compiled = jax.jit(ggn_programs(x, w, y)[name]).lower(x, w, x_dot, w_dot).compile()
+
+    def run():
+        return jax.block_until_ready(compiled(x, w, x_dot, w_dot))
+
+    # The outputs (g_x, g_w) are shaped like (x, w): what every method owes, as for gradients.
     return run, x.size * x.dtype.itemsize + w.size * w.dtype.itemsize
 
 

@@ -65,7 +65,9 @@ if jax.process_count() == 1:
         one = product(params, x[0], y[0], v, where=where)
         xs, ys, ws = (jax.device_put(a, data) for a in (x[0], y[0], where))
         sharded = product(params, xs, ys, v, where=ws)
-        results[name] = [[np.asarray(a).tolist() for a in jax.tree.leaves(t)] for t in (one, sharded)]
+        results[name] = [
+            [np.asarray(a).tolist() for a in jax.tree.leaves(t)] for t in (one, sharded)
+        ]
 else:
     # This process's half of every global batch, assembled into global arrays.
     sharding = NamedSharding(mesh, PartitionSpec(jxent.train.DATA_AXIS))
