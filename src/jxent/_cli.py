@@ -1,4 +1,4 @@
-"""The ``jxent`` command: ``jxent demo`` and ``jxent check``."""
+"""The ``jxent`` command: ``jxent demo``, ``jxent check`` and ``jxent curvature``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jxent import _demo
+from jxent import _curvature_cli, _demo
 from jxent._check import check_grads
 from jxent._mistakes import MISTAKES
 from jxent._vjp import grad as hand_grad
@@ -184,6 +184,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
     check.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
     check.set_defaults(run=_check)
+    curvature = sub.add_parser(
+        "curvature",
+        help="Hessian and GGN spectra (top eigenvalues, traces, density) at init and trained",
+        description="Top-k eigenvalues (Lanczos), Hutchinson trace estimates and the spectral "
+        "density (stochastic Lanczos quadrature) of the Hessian and the Gauss-Newton matrix "
+        "of the loss, at initialisation and after training; JSON and a PNG. Default: the "
+        "demo's MLP on digits. Exit 2: a --predictor/--init that cannot be loaded.",
+    )
+    _curvature_cli.add_arguments(curvature)
+    curvature.set_defaults(run=_curvature_cli.run)
     return parser
 
 

@@ -554,3 +554,45 @@ def logits_hvp(
     v = problem.layout.to_rows(v).astype(x.dtype)
     out = _curvature_fn(problem.config, curvature == "ggn")(*problem.args, v)
     return problem.layout.from_rows(out).astype(jnp.asarray(logits).dtype)
+
+
+def ggn_factor(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    reduction: Reduction = "mean",
+    **options: Any,
+) -> tuple[jax.Array, _validate.Layout]:
+    r"""``F`` ``[rows, L, K]`` with :math:`F_r F_r^\top` each row's GGN logits curvature.
+
+    :math:`\operatorname{diag}(p) - pp^\top = SS^\top` with columns
+    :math:`S_{:,k} = \sqrt{p_k}\,(e_k - p)` (BackPACK's symmetric factorisation), so
+    :math:`aT(\operatorname{diag}(p) - pp^\top) + 2bz\,pp^\top = FF^\top` with
+    :math:`F = [\sqrt{aT}\,S,\ \sqrt{2bz}\,p]` (the last column only with a z-loss), each row
+    scaled by the cap's :math:`s'`. Needs :math:`aT \ge 0` (non-negative targets and class
+    weights; otherwise NaN). Zero for rows that do not count, NaN for bad rows.
+    """
+    problem = _prepare("ggn_diagonal", logits, labels, axis=axis, reduction=reduction, **options)
+    return _factor_fn(problem.config)(*problem.args), problem.layout
+
+
+@functools.lru_cache(maxsize=256)
+def _factor_fn(config: Config) -> Any:
+    def factor(*args: Any) -> jax.Array:
+        fwd = _forward(config, *args, with_grad=False)
+        rows = fwd.rows
+        p = _kernel.probabilities(rows, fwd.s, fwd.stats)
+        a = jnp.where(rows.bad, jnp.nan, fwd.a)
+        eye = jnp.eye(config.num_classes, dtype=p.dtype)
+        root_p = jnp.sqrt(p)
+        s_cols = root_p[:, None, :] * (eye[None] - p[:, :, None])  # [R, l, k]
+        cols = jnp.sqrt(a * fwd.stats.tsum)[:, None, None] * s_cols
+        if config.has_z_loss:
+            z_col = jnp.sqrt(2.0 * args[7] * fwd.b)[:, None] * p
+            cols = jnp.concatenate([cols, z_col[:, :, None]], axis=2)
+        if fwd.ds is not None:
+            cols = cols * fwd.ds[:, :, None]
+        return jnp.where(rows.counted[:, None, None], cols, 0.0)
+
+    return jax.jit(factor)

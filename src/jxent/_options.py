@@ -134,13 +134,7 @@ def prepare(
             raise TypeError(f"ignore_index must be a Python int or None, found {ignore_index!r}")
     eps = _scalar("label_smoothing", label_smoothing, 0.0, 1.0, compute_dtype)
     z = _scalar("z_loss", z_loss, 0.0, float("inf"), compute_dtype)
-    if logit_softcap is not None:
-        if not isinstance(logit_softcap, numbers.Real) or isinstance(logit_softcap, bool):
-            raise TypeError(
-                f"logit_softcap must be a Python number or None, found {type(logit_softcap)}"
-            )
-        if not 0 < logit_softcap < float("inf"):
-            raise ValueError(f"logit_softcap must be positive and finite, found {logit_softcap}")
+    check_softcap(logit_softcap)
     config = Config(
         reduction=reduction,
         num_classes=num_classes,
@@ -154,6 +148,17 @@ def prepare(
     )
     w = jnp.ones((num_classes,), compute_dtype) if weights is None else weights
     return config, Arrays(w.astype(compute_dtype), eps, z)
+
+
+def check_softcap(logit_softcap: Any) -> None:
+    """``logit_softcap`` must be None or a positive, finite Python number."""
+    if logit_softcap is not None:
+        if not isinstance(logit_softcap, numbers.Real) or isinstance(logit_softcap, bool):
+            raise TypeError(
+                f"logit_softcap must be a Python number or None, found {type(logit_softcap)}"
+            )
+        if not 0 < logit_softcap < float("inf"):
+            raise ValueError(f"logit_softcap must be positive and finite, found {logit_softcap}")
 
 
 def _maybe_nonzero(value: ArrayLike) -> bool:
