@@ -107,3 +107,20 @@ def test_unknown_option_is_rejected():
     params = linear.init(jax.random.key(0), 3, L)
     with pytest.raises(TypeError, match="unknown loss option"):
         jxent.grad(linear.apply)(params, jnp.ones((3, 3)), jnp.array([0, 1, 2]), mask=None)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+@pytest.mark.parametrize("name", ["chunk_size", "vocab_block_size"])
+def test_every_chunked_function_refuses_a_schedule_that_is_not_a_positive_int(name, bad):
+    """0 once meant "the default" (``chunk_size or default``): now None does, 0 is an error."""
+    x, w, y = jnp.ones((4, 3)), jnp.ones((3, 5)), jnp.array([0, 1, 2, 3])
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("vocab",))
+    calls = [
+        lambda **k: jxent.linear_cross_entropy(x, w, y, **k),
+        lambda **k: jxent.vocab_parallel_linear_cross_entropy(x, w, y, mesh=mesh, **k),
+        lambda **k: jxent.linear_cross_entropy_ggn_vector_product(x, w, y, (x, None, None), **k),
+        lambda **k: jxent.linear_sample_labels(jax.random.key(0), x, w, **k),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"{name} must be a positive int or None, found"):
+            call(**{name: bad})

@@ -274,10 +274,9 @@ def ggn_diagonal(predictor: Predictor, **loss_options: Any) -> GGNDiagonalFn:
             _, pullback = jax.vjp(lambda p: logits_only(predictor(p, x_one)), params)
             rows = f_i.shape[0]
             # cotangent (r, k): row r holds column k of F_r, every other row is zero
-            columns = jnp.moveaxis(f_i, 2, 1)  # [R_i, K, L]
-            one_hot = jnp.eye(rows, dtype=f_i.dtype)[:, None, :, None]
-            cot = (one_hot * columns[None]).transpose(1, 2, 0, 3)  # [R_i, K, R_i, L]
-            cot = cot.reshape(-1, rows, f_i.shape[1])
+            columns = jnp.transpose(f_i, (2, 0, 1))  # [K, R_i, L]
+            one_hot = jnp.eye(rows, dtype=f_i.dtype)[:, None, :, None]  # [R_i, 1, R_i, 1]
+            cot = (one_hot * columns[None]).reshape(-1, rows, f_i.shape[1])  # [(r, k), R_i, L]
 
             def squared(c: jax.Array) -> PyTree:
                 (g,) = pullback(one.from_rows(c).astype(logits.dtype))

@@ -552,18 +552,28 @@ def linear_cross_entropy(
     options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
     options |= {"logit_softcap": logit_softcap}
     config, args = _prepare("linear_cross_entropy", x, w, labels, bias, where, options)
-    sched = _Schedule(
-        chunk=chunk_size or default_chunk_size(args.x.shape[0], config.num_classes),
-        block=vocab_block_size or _VOCAB_BLOCK,
-    )
-    _check_schedule(sched)
+    sched = schedule(args.x.shape[0], config.num_classes, chunk_size, vocab_block_size)
     return _loss_fn(config, sched)(*args)
 
 
-def _check_schedule(sched: _Schedule) -> None:
-    for name, v in (("chunk_size", sched.chunk), ("vocab_block_size", sched.block)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, found {v!r}")
+def schedule(
+    num_tokens: int,
+    num_classes: int,
+    chunk_size: int | None,
+    vocab_block_size: int | None,
+    axis_name: str | None = None,
+    mesh: Mesh | None = None,
+) -> _Schedule:
+    """The chunked schedule: the defaults for None, else positive ints (0 is not "default")."""
+    for name, v in (("chunk_size", chunk_size), ("vocab_block_size", vocab_block_size)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name} must be a positive int or None, found {v!r}")
+    return _Schedule(
+        chunk=default_chunk_size(num_tokens, num_classes) if chunk_size is None else chunk_size,
+        block=_VOCAB_BLOCK if vocab_block_size is None else vocab_block_size,
+        axis_name=axis_name,
+        mesh=mesh,
+    )
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -635,11 +645,7 @@ def vocab_parallel_linear_cross_entropy(
             f"w has L = {config.num_classes} classes, which do not divide over the {shards} "
             f"devices of mesh axis {axis_name!r}"
         )
-    sched = _Schedule(
-        chunk=chunk_size or default_chunk_size(args.x.shape[0], config.num_classes // shards),
-        block=vocab_block_size or _VOCAB_BLOCK,
-        axis_name=axis_name,
-        mesh=mesh,
+    sched = schedule(
+        args.x.shape[0], config.num_classes // shards, chunk_size, vocab_block_size, axis_name, mesh
     )
-    _check_schedule(sched)
     return _loss_fn(config, sched)(*args)

@@ -130,11 +130,7 @@ def linear_cross_entropy_ggn_vector_product(
     config, args = _linear._prepare(function, x, w, labels, bias, where, options)
     dots = _check_tangents(tangents, args, bias is not None)
     present = _Present(*(d is not None for d in dots), bias is not None)
-    sched = _linear._Schedule(
-        chunk=chunk_size or _linear.default_chunk_size(args.x.shape[0], config.num_classes),
-        block=vocab_block_size or _linear._VOCAB_BLOCK,
-    )
-    _linear._check_schedule(sched)
+    sched = _linear.schedule(args.x.shape[0], config.num_classes, chunk_size, vocab_block_size)
     zero = jnp.zeros((), args.x.dtype)  # stands in for a missing tangent (never used)
     dots = tuple(zero if d is None else d for d in dots)
     gx, gw, gb = _ggn_fn(config, sched, present)(args, dots)

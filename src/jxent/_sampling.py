@@ -135,11 +135,7 @@ def linear_sample_labels(
     num_tokens, num_classes = _linear._check_shapes(x, w, bias)
     _options.check_softcap(logit_softcap)
     b = jnp.zeros((num_classes,), w.dtype) if bias is None else jnp.asarray(bias)
-    sched = _linear._Schedule(
-        chunk=chunk_size or _linear.default_chunk_size(num_tokens, num_classes),
-        block=vocab_block_size or _linear._VOCAB_BLOCK,
-    )
-    _linear._check_schedule(sched)
+    sched = _linear.schedule(num_tokens, num_classes, chunk_size, vocab_block_size)
     return _linear_sampler(sched, None if logit_softcap is None else float(logit_softcap))(
         key, x, w, b
     )
