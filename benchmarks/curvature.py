@@ -5,7 +5,9 @@
   ``jax.jvp(jax.grad(...))`` of the plainly written loss (target <= 1.1x), interleaved rounds.
 - The language-model head N=2048, D=512, L=65536, float32: the chunked GGN product against the
   materialised one, timed interleaved in this process (target <= 1.5x), and each in a process of
-  its own for peak memory (target: scratch >= 10x smaller).
+  its own for peak memory (target: scratch >= 10x smaller); the same for drawing labels from the
+  model, ``jxent.linear_sample_labels`` against ``jax.random.categorical`` of the materialised
+  logits (targets: <= 1.2x the time, scratch >= 10x smaller).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ TARGETS = {
     "mlp hvp / jvp(grad)": 1.1,
     "head chunked / materialised time": 1.5,
     "head materialised / chunked scratch": 10.0,  # at least
+    "sampling chunked / materialised time": 1.2,
+    "sampling materialised / chunked scratch": 10.0,  # at least
 }
 
 
@@ -60,8 +64,11 @@ def head_rows(s: Callable, repeats: int) -> dict[str, Any]:
     x_dot, w_dot = vocab.ggn_tangents(x, w)
     programs = vocab.ggn_programs(x, w, y)
     runs = {name: compile_jax(fn, x, w, x_dot, w_dot)[0] for name, fn in programs.items()}
+    key = jax.random.key(1)
+    for name, fn in vocab.sample_programs().items():
+        runs[name] = compile_jax(fn, key, x, w)[0]
     times = timed(runs, max(3, repeats // 2))  # ~5 s a call at the default shape
-    memory = vocab_rows(n, d, vocab_l, "float32", vocab.GGN_VOCAB, 1)
+    memory = vocab_rows(n, d, vocab_l, "float32", vocab.GGN_VOCAB + vocab.SAMPLE_VOCAB, 1)
     return {"N": n, "D": d, "L": vocab_l, "times": times, "memory": memory}
 
 
@@ -78,8 +85,11 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
     t = {k: v["median_s"] for k, v in res["mlp"]["variants"].items()}
     head = {k: v["median_s"] for k, v in res["head"]["times"].items()}
     mat, chunked = vocab.GGN_VOCAB
+    draw_mat, draw_chunked = vocab.SAMPLE_VOCAB
     scratch = {r["variant"]: r.get("scratch_mib", float("nan")) for r in res["head"]["memory"]}
     return {
+        "sampling chunked / materialised time": head[draw_chunked] / head[draw_mat],
+        "sampling materialised / chunked scratch": scratch[draw_mat] / scratch[draw_chunked],
         "mlp ggn / value_and_grad": t["jxent.ggn_vector_product"] / t["jxent.value_and_grad"],
         "mlp hvp / jvp(grad)": t["jxent.hessian_vector_product"]
         / t["jax.jvp(jax.grad(plain loss))"],

@@ -78,6 +78,15 @@ def jax_variants(name: str, n: int, d: int, vocab: int, dtype: str) -> tuple[Cal
         fn = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))
     elif "ggn" in name:
         return _ggn_variant(name, x, w, y)
+    elif name in SAMPLE_VOCAB:
+        program = sample_programs()[name]
+        compiled = jax.jit(program).lower(jax.random.key(1), x, w).compile()
+
+        def run():
+            return jax.block_until_ready(compiled(jax.random.key(1), x, w))
+
+        return run, 0  # the output is N labels: nothing every method owes
+
     else:
         raise SystemExit(f"unknown variant {name}")
     jax.block_until_ready((x, w, y))
@@ -109,6 +118,29 @@ def ggn_programs(x, w, y):
         return jxent.linear_cross_entropy_ggn_vector_product(x, w, y, (x_dot, w_dot, None))[:2]
 
     return dict(zip(GGN_VOCAB, (materialised, chunked), strict=True))
+
+
+SAMPLE_VOCAB = [
+    "jax.random.categorical (materialised logits)",
+    "jxent.linear_sample_labels (chunked)",
+]
+
+
+def sample_programs():
+    """Labels drawn from softmax(x w): from the materialised logits, or chunked."""
+    import jax
+    import jax.numpy as jnp
+
+    import jxent
+
+    def materialised(key, x, w):
+        logits = jnp.dot(x, w, preferred_element_type=jnp.float32)
+        return jax.random.categorical(key, logits, axis=-1)
+
+    def chunked(key, x, w):
+        return jxent.linear_sample_labels(key, x, w)
+
+    return dict(zip(SAMPLE_VOCAB, (materialised, chunked), strict=True))
 
 
 def ggn_tangents(x, w):

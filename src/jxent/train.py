@@ -481,6 +481,58 @@ def _with_state(eval_predictor: Callable[..., jax.Array]) -> Predictor:
     return predictor
 
 
+class GNBState(NamedTuple):
+    """The key of :func:`gnb_estimator`'s next draw."""
+
+    key: jax.Array
+
+
+def gnb_estimator(
+    predictor: Predictor, key: jax.Array, **options: Any
+) -> optax.GradientTransformationExtraArgs:
+    r"""Sophia-G's Hessian-diagonal estimator as an optax transformation.
+
+    For ``optax.contrib.sophia(..., hessian_diagonal_fn=gnb_estimator(predictor, key))``: its
+    ``update(updates, state, params, x=batch_inputs)`` returns :func:`jxent.gnb_diagonal` of the
+    mean loss on ``x`` (labels drawn from the model with a fresh key every call) and ignores
+    ``updates``. Pass the batch's inputs to the optimizer's ``update`` as ``x=``; Sophia calls
+    the estimator every ``update_interval`` steps.
+
+    Args:
+        predictor: ``predictor(params, x) -> logits``.
+        key: PRNG key of the label draws.
+        **options: :func:`jxent.gnb_diagonal`'s options (``axis``, ``where``,
+            ``logit_softcap``).
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs``.
+
+    Raises:
+        ValueError: (at ``update``) ``params`` or ``x`` not given.
+
+    References:
+        Liu et al. 2023 (Sophia-G, Algorithm 2); ``optax.contrib.sophia``.
+    """
+    from jxent._diagonals import gnb_diagonal
+
+    gnb = gnb_diagonal(predictor, **options)
+
+    def init(params: PyTree) -> GNBState:
+        del params
+        return GNBState(key)
+
+    def update(
+        updates: PyTree, state: GNBState, params: PyTree = None, x: Any = None, **extra: Any
+    ) -> tuple[PyTree, GNBState]:
+        del updates, extra
+        if params is None or x is None:
+            raise ValueError("gnb_estimator's update needs params= and x= (the batch's inputs)")
+        draw, nxt = jax.random.split(state.key)
+        return gnb(params, x, draw), GNBState(nxt)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
@@ -492,11 +544,13 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 __all__ = [
+    "GNBState",
     "TrainState",
     "accuracy",
     "data_mesh",
     "evaluate",
     "fit",
+    "gnb_estimator",
     "init_state",
     "make_step",
     "mixed_precision",
