@@ -124,3 +124,65 @@ def test_every_chunked_function_refuses_a_schedule_that_is_not_a_positive_int(na
     for call in calls:
         with pytest.raises(ValueError, match=f"{name} must be a positive int or None, found"):
             call(**{name: bad})
+
+
+def test_an_empty_batch_gives_empty_results_on_every_path():
+    """No examples: a 0 mean, empty per-example results and zero parameter gradients."""
+    x, y, w = jnp.zeros((0, 5)), jnp.zeros((0,), jnp.int32), jnp.ones((3, 5))
+    h = jnp.zeros((0, 3))
+    assert float(jxent.softmax_cross_entropy(x, y)) == 0.0
+    assert jxent.softmax_cross_entropy(x, y, reduction="none").shape == (0,)
+    assert jxent.logits_grad(x, y).shape == (0, 5)
+    assert jxent.logits_hvp(x, y, x).shape == (0, 5)
+    assert jxent.sample_labels(jax.random.key(0), x).shape == (0,)
+    assert float(jxent.linear_cross_entropy(h, w, y)) == 0.0
+    dh, dw = jax.grad(jxent.linear_cross_entropy, argnums=(0, 1))(h, w, y)
+    assert dh.shape == (0, 3)
+    assert not np.any(dw)
+    gx, gw, _ = jxent.linear_cross_entropy_ggn_vector_product(h, w, y, (None, w, None))
+    assert gx.shape == (0, 3)
+    assert not np.any(gw)
+    assert jxent.linear_sample_labels(jax.random.key(0), h, w).shape == (0,)
+    loss, grads = jxent.value_and_grad(lambda p, x: x @ p)(w, h, y)
+    assert float(loss) == 0.0
+    assert not np.any(grads)
+
+
+def test_counted_examples_whose_class_weights_sum_to_zero_give_nan_like_torch():
+    """The weighted mean over a zero total weight is undefined: NaN (PyTorch), not the sum."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812 (PyTorch's own name)
+
+    logits, y = jnp.array([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]]), jnp.array([0, 0])
+    weights = jnp.array([0.0, 1.0, 1.0])
+    for eps in (0.0, 0.3):
+        want = F.cross_entropy(
+            torch.tensor(np.asarray(logits)),
+            torch.tensor([0, 0]),
+            weight=torch.tensor(np.asarray(weights)),
+            label_smoothing=eps,
+        )
+        assert np.isnan(want.item())
+        opts = {"weights": weights, "label_smoothing": eps}
+        assert np.isnan(float(jxent.softmax_cross_entropy(logits, y, **opts)))
+        assert np.isnan(float(jxent.linear_cross_entropy(jnp.eye(2), logits, y, **opts)))
+        assert np.all(np.isnan(jxent.logits_grad(logits, y, **opts)))
+    # the sum is defined, and every example masked is still a mean of 0
+    assert np.isfinite(
+        float(jxent.softmax_cross_entropy(logits, y, weights=weights, reduction="sum"))
+    )
+    none = jnp.array([False, False])
+    assert float(jxent.softmax_cross_entropy(logits, y, weights=weights, where=none)) == 0.0
+
+
+def test_a_nan_logit_masked_out_per_logit_stays_out_also_with_a_soft_cap():
+    x, mask, y = jnp.array([[1.0, 2.0, jnp.nan]]), jnp.array([[True, True, False]]), jnp.array([0])
+    nan_tangent = jnp.array([[1.0, -1.0, jnp.nan]])
+    for opts in ({}, {"logit_softcap": 5.0}):
+        g = jxent.logits_grad(x, y, where=mask, **opts)
+        assert np.all(np.isfinite(g))
+        assert g[0, 2] == 0.0
+        for curvature in ("hessian", "ggn"):
+            hv = jxent.logits_hvp(x, y, nan_tangent, where=mask, curvature=curvature, **opts)
+            assert np.all(np.isfinite(hv))
+            assert hv[0, 2] == 0.0

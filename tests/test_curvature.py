@@ -430,3 +430,20 @@ def test_bad_head_tangents_are_named(key):
         f(x, w, labels, (x_dot, w_dot, b_dot))
     with pytest.raises(TypeError, match="x_dot must have a floating dtype"):
         f(x, w, labels, (x_dot.astype(jnp.int32), None, None), bias=bias)
+
+
+def test_integer_parameter_leaves_and_tangent_dtypes(key):
+    """An integer leaf gets a float0 tangent and product (as jax.jvp does); a floating tangent of
+    another dtype than its parameter is refused by name."""
+    params = {"w": jax.random.normal(key, (2, 3)), "n": jnp.array(2)}
+    apply = lambda p, x: jnp.tanh(x @ p["w"]) * p["n"]
+    x, y = jax.random.normal(key, (4, 2)), jnp.array([0, 1, 2, 0])
+    v = {"w": jnp.ones((2, 3)), "n": np.zeros((), jax.dtypes.float0)}
+    float_only = lambda w, x: apply({"w": w, "n": 2}, x)
+    for make in (jxent.ggn_vector_product, jxent.hessian_vector_product):
+        got = make(apply)(params, x, y, v)
+        assert got["n"].dtype == jax.dtypes.float0
+        assert_tree_close(got["w"], make(float_only)(params["w"], x, y, v["w"]), 1e-6)
+        bad = {"w": v["w"].astype(jnp.bfloat16), "n": v["n"]}
+        with pytest.raises(TypeError, match=r"v\['w'\] must have the dtype of params\['w'\]"):
+            make(apply)(params, x, y, bad)

@@ -1,4 +1,4 @@
-"""The ``jxent`` command: ``jxent demo``, ``jxent check`` and ``jxent curvature``."""
+"""The ``jxent`` command: ``jxent demo`` (and ``demo lm``), ``jxent check``, ``jxent curvature``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jxent import _curvature_cli, _demo
+from jxent import _curvature_cli, _demo, _demo_lm
 from jxent._check import check_grads
 from jxent._mistakes import MISTAKES
 from jxent._vjp import grad as hand_grad
@@ -166,6 +166,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     _demo.add_arguments(demo)
     demo.set_defaults(run=_demo.run)
+    kinds = demo.add_subparsers(dest="demo_kind", required=False, metavar="{lm}")
+    lm = kinds.add_parser(
+        "lm",
+        help="train a small transformer language model with linear_cross_entropy",
+        description="Train a small decoder-only transformer on the Python standard library's "
+        "source (or --corpus) with a byte-level BPE tokenizer and jxent.linear_cross_entropy; "
+        "report losses, perplexity, tokens/s, and the peak memory of a training step with the "
+        "fused head against materialised logits.",
+    )
+    _demo_lm.add_arguments(lm)
+    lm.set_defaults(run=_demo_lm.run)
     check = sub.add_parser(
         "check",
         help="check jxent's hand-derived gradient (or diagnose classic mistakes)",

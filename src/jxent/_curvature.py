@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jxent import _options
@@ -76,7 +77,9 @@ def ggn_vector_product(
         ``params`` (the product in the parameters' dtypes).
 
     Raises:
-        TypeError: (when ``f`` is called) as :func:`jxent.value_and_grad`.
+        TypeError: (when ``f`` is called) as :func:`jxent.value_and_grad`; a floating leaf of
+            ``v`` whose dtype differs from the parameter's.
+        ValueError: (when ``f`` is called) ``v`` not shaped like ``params``.
 
     Examples:
         >>> import jax, jax.numpy as jnp, jxent
@@ -98,14 +101,28 @@ def ggn_vector_product(
 
     def ggn_fn(params: PyTree, x: Any, labels: ArrayLike, v: PyTree, **options: Any) -> Any:
         _options.check_option_names(options, "ggn_vector_product")
-        if has_aux:
-            logits, jvp, aux = jax.linearize(lambda p: _pair(predictor(p, x)), params, has_aux=True)
-        else:
-            logits, jvp = jax.linearize(lambda p: logits_only(predictor(p, x)), params)
         _check_like_params(v, params)
+        # Linearised in the floating leaves only: linear_transpose has no integer (float0) inputs.
+        leaves, treedef = jax.tree.flatten(params)
+        floating = [_is_floating(a) for a in leaves]
+
+        def of_floats(float_leaves: list) -> Any:
+            it = iter(float_leaves)
+            full = [next(it) if f else a for a, f in zip(leaves, floating, strict=True)]
+            out = predictor(jax.tree.unflatten(treedef, full), x)
+            return _pair(out) if has_aux else (logits_only(out), None)
+
+        primals = [a for a, f in zip(leaves, floating, strict=True) if f]
+        logits, jvp, aux = jax.linearize(of_floats, primals, has_aux=True)
+        v_floats = [t for t, f in zip(jax.tree.leaves(v), floating, strict=True) if f]
         opts = {**loss_options, **options, "curvature": "ggn"}
-        u = logits_hvp(logits, labels, jvp(v), **opts)
-        (product,) = jax.linear_transpose(jvp, params)(u)
+        u = logits_hvp(logits, labels, jvp(v_floats), **opts)
+        (product_floats,) = jax.linear_transpose(jvp, primals)(u)
+        it = iter(product_floats)
+        product = [
+            next(it) if f else _float0_zeros(a) for a, f in zip(leaves, floating, strict=True)
+        ]
+        product = jax.tree.unflatten(treedef, product)
         return (product, aux) if has_aux else product
 
     return _named(ggn_fn, "ggn_vector_product", predictor)
@@ -141,7 +158,9 @@ def hessian_vector_product(
         ``params``.
 
     Raises:
-        TypeError: (when ``f`` is called) as :func:`jxent.value_and_grad`.
+        TypeError: (when ``f`` is called) as :func:`jxent.value_and_grad`; a floating leaf of
+            ``v`` whose dtype differs from the parameter's.
+        ValueError: (when ``f`` is called) ``v`` not shaped like ``params``.
 
     Examples:
         >>> import jax, jax.numpy as jnp, jxent
@@ -173,8 +192,17 @@ def hessian_vector_product(
     return _named(hvp_fn, "hessian_vector_product", predictor)
 
 
+def _is_floating(a: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+
+
+def _float0_zeros(a: Any) -> np.ndarray:
+    """The tangent of an integer leaf, as ``jax.jvp`` and ``jax.grad`` give it."""
+    return np.zeros(jnp.shape(a), jax.dtypes.float0)
+
+
 def _check_like_params(v: PyTree, params: PyTree) -> None:
-    """``v`` must be a pytree of the parameters' structure and shapes (clearer than jvp's error)."""
+    """``v`` must be a pytree of the parameters' structure, shapes and (floating) dtypes."""
     if jax.tree.structure(v) != jax.tree.structure(params):
         raise ValueError(
             f"v must have the structure of params, {jax.tree.structure(params)}; found "
@@ -182,8 +210,14 @@ def _check_like_params(v: PyTree, params: PyTree) -> None:
         )
     leaves = jax.tree_util.tree_leaves_with_path(params)
     for (path, p), t in zip(leaves, jax.tree.leaves(v), strict=True):
+        name = jax.tree_util.keystr(path)
         if jnp.shape(t) != jnp.shape(p):
-            name = jax.tree_util.keystr(path)
             raise ValueError(
                 f"v{name} must have the shape of params{name}, {jnp.shape(p)}; found {jnp.shape(t)}"
+            )
+        if _is_floating(p) and jnp.result_type(t) != jnp.result_type(p):
+            raise TypeError(
+                f"v{name} must have the dtype of params{name}, {jnp.result_type(p)}; found "
+                f"{jnp.result_type(t)} (cast it: jax.tree.map(lambda t, p: t.astype(p.dtype), "
+                "v, params))"
             )

@@ -80,14 +80,15 @@ def integer_rows(config: Config, labels: jax.Array, where: jax.Array) -> Rows:
     in_range = (wide >= 0) & (wide < config.num_classes)
     bad = counted & ~in_range
     flat = jnp.ravel(bad)
-    first = jnp.argmax(flat)
-    checkify.debug_check(
-        ~jnp.any(flat),
-        "label out of range: flat position {pos} has label {value}, expected 0.."
-        + str(config.num_classes - 1),
-        pos=first,
-        value=jnp.ravel(wide)[first],
-    )
+    if flat.size:  # an empty batch has no label to check (and argmax has nothing to reduce)
+        first = jnp.argmax(flat)
+        checkify.debug_check(
+            ~jnp.any(flat),
+            "label out of range: flat position {pos} has label {value}, expected 0.."
+            + str(config.num_classes - 1),
+            pos=first,
+            value=jnp.ravel(wide)[first],
+        )
     clipped = jnp.where(in_range, wide, 0).astype(jnp.int32)
     return Rows(clipped, counted, bad)
 
@@ -100,9 +101,14 @@ def mean_normaliser(config: Config, rows: Rows, weights: jax.Array) -> jax.Array
 
 
 def denominator(counted: jax.Array, normaliser: jax.Array) -> jax.Array:
-    r""":math:`\sum_i m_i n_i`, or 1 when that is 0 (every row masked: the mean is 0)."""
+    r""":math:`\sum_i m_i n_i`, the mean's denominator.
+
+    1 when no row counts (the mean of nothing is 0); NaN when rows count but their normalisers
+    sum to 0 (class weights 0 on every counted target: the weighted mean is undefined, NaN as in
+    PyTorch -- not the sum).
+    """
     total = jnp.sum(jnp.where(counted, normaliser, 0.0))
-    return jnp.where(total == 0, 1.0, total)
+    return jnp.where(total == 0, jnp.where(jnp.any(counted), jnp.nan, 1.0), total)
 
 
 def row_scales(
@@ -363,6 +369,8 @@ def curvature_block(
             c = config.logit_softcap
             s2 = jnp.where(s == NEG_INF, 0.0, -(2.0 / c) * (s / c) * ds)
             out = out + score_grad(config, rows, arrays, s, target, stats, a, b) * s2 * v
+    # A class outside the softmax has a zero row and column, whatever its tangent holds.
+    out = jnp.where(s == NEG_INF, 0.0, out)
     return jnp.where(rows.counted[:, None], out, 0.0)
 
 

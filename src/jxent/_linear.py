@@ -56,12 +56,12 @@ def default_chunk_size(num_tokens: int, num_classes: int) -> int:
 
     Each chunk updates the whole dW once, so larger chunks mean fewer passes over it; the
     chunk's ``[chunk, block]`` logits stay 16 MiB (2048 tokens for blocks of 2048 classes).
-    At most ``N`` rounded up to a multiple of 8.
+    At most ``N`` rounded up to a multiple of 8 (8 when there are no tokens).
     """
     chunk = 8
     while chunk < _MAX_CHUNK and 2 * chunk * min(num_classes, _VOCAB_BLOCK) <= _CHUNK_ELEMENTS:
         chunk *= 2
-    return min(chunk, -(-num_tokens // 8) * 8)
+    return min(chunk, max(8, -(-num_tokens // 8) * 8))  # 8 for no tokens: an empty scan
 
 
 @dataclasses.dataclass(frozen=True)

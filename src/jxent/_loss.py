@@ -118,6 +118,8 @@ def _forward(
     s, ds = _kernel.cap(config, x)
     if class_mask is not None:
         s = jnp.where(class_mask, s, _kernel.NEG_INF)
+        if ds is not None:  # a masked logit does not enter the loss (and may be NaN padding)
+            ds = jnp.where(class_mask, ds, 0.0)
     class_weights = weights if config.has_weights else None
     target = _kernel.target_block(config, labels, class_weights, eps, s, 0)
     stats = _kernel.block_stats(s, target.t)
@@ -131,6 +133,8 @@ def _forward(
     grad = None
     if with_grad:
         grad = _kernel.grad_block(config, rows, arrays, s, ds, target, stats, a, b)
+        if class_mask is not None:  # the loss does not depend on a masked logit
+            grad = jnp.where(class_mask, grad, 0.0)
     mean_ce = jnp.sum(jnp.where(rows.counted, a * ce, 0.0))
     normaliser_sum = _kernel.denominator(rows.counted, n)
     return _Forward(loss, grad, rows, s, ds, target, stats, lse, a, b, mean_ce, normaliser_sum)
@@ -317,8 +321,10 @@ def loss_and_logits_grad(
     label not ``ignore_index``) and :math:`n_i = w_{y_i}` for integer labels with ``weights``, else
     1. This is PyTorch's ``F.cross_entropy`` convention, including for probability labels (which
     divide by the count). The z-loss term of the mean is averaged over counted examples without
-    class weights (Liger Kernel's ``CrossEntropyWithZLoss``). When the normaliser is 0 (every
-    example masked) the mean is 0 and the gradient is zero, never NaN.
+    class weights (Liger Kernel's ``CrossEntropyWithZLoss``). When no example counts (every
+    example masked) the mean is 0 and the gradient is zero, never NaN; when examples count but
+    the class weights of their targets sum to 0, the weighted mean is undefined and is NaN, as
+    PyTorch's (not the sum).
 
     Derivative: :func:`softmax_cross_entropy` is a ``jax.custom_jvp`` whose tangent is this
     gradient (plus the hand-derived terms for probability labels, class weights,

@@ -149,7 +149,8 @@ def _linear_sampler(sched: _linear._Schedule, logit_softcap: float | None) -> An
         acc = _linear.accumulation_dtype(x, w)
         chunk = sched.chunk
         chunks = -(-num_tokens // chunk)
-        xs = jnp.pad(x, [(0, chunks * chunk - num_tokens), (0, 0)]).reshape(chunks, chunk, -1)
+        xs = jnp.pad(x, [(0, chunks * chunk - num_tokens), (0, 0)])
+        xs = xs.reshape(chunks, chunk, x.shape[1])  # explicit: -1 fails for no tokens
         block = min(sched.block, num_classes)
         full_blocks, rest = divmod(num_classes, block)
 

@@ -1,0 +1,147 @@
+"""``jxent demo lm`` at a tiny configuration: the fused head's gradients, determinism, outputs."""
+
+import argparse
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from _reference import assert_tree_close
+from jxent import _demo_lm
+from jxent._cli import main
+
+TINY = [
+    "--vocab",
+    "320",
+    "--width",
+    "32",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--context",
+    "16",
+    "--batch",
+    "4",
+    "--eval-every",
+    "3",
+    "--eval-batches",
+    "2",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Twelve standard-library modules copied into a folder: a small real corpus."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for name in (
+        "abc",
+        "bisect",
+        "colorsys",
+        "copy",
+        "fnmatch",
+        "glob",
+        "heapq",
+        "keyword",
+        "numbers",
+        "shlex",
+        "string",
+        "textwrap",
+    ):
+        shutil.copy(root / f"{name}.py", folder / f"{name}.py")
+    return folder
+
+
+def _args(*extra):
+    parser = argparse.ArgumentParser()
+    _demo_lm.add_arguments(parser)
+    return parser.parse_args([*TINY, *extra])
+
+
+def test_split_and_tokenizer_are_deterministic(corpus, tmp_path):
+    root, files = _demo_lm.corpus_files(str(corpus))
+    train, val = _demo_lm.split(root, files)
+    assert sorted(train) == sorted(_demo_lm.split(root, list(reversed(files)))[0])
+    assert set(train).isdisjoint(val)
+    assert len(train) + len(val) == len(files)
+    texts = _demo_lm.read_texts(train)
+    first, cached = _demo_lm.train_tokenizer(texts, 320, tmp_path / "a")
+    again, _ = _demo_lm.train_tokenizer(texts, 320, tmp_path / "b")  # trained afresh elsewhere
+    assert not cached
+    assert first.get_vocab() == again.get_vocab()
+    assert _demo_lm.train_tokenizer(texts, 320, tmp_path / "a")[1]  # the second time: cached
+    stream = _demo_lm.encode(first, texts[:2])
+    assert np.array_equal(stream, _demo_lm.encode(again, texts[:2]))
+    assert stream[-1] == _demo_lm.EOS
+
+
+def test_fused_head_gradients_equal_materialised_logits(corpus):
+    """The first step's gradients, every parameter: fused head vs materialised logits."""
+    args = _args()
+    params = _demo_lm.init_model(jax.random.key(0), 320, 32, 1, 16)
+    params["bias"] = jax.random.normal(jax.random.key(1), (320,))
+    batch = jax.random.randint(jax.random.key(2), (4, 17), 0, 320).at[0, 5].set(_demo_lm.PAD)
+    grads = {
+        head: jax.jit(jax.grad(lambda p, h=head: _demo_lm.lm_loss(p, batch, args.heads, h)))(params)
+        for head in ("fused", "materialised")
+    }
+    # float32, the same math in another order (FLOAT32_RTOL's note in _reference)
+    assert_tree_close(grads["fused"], grads["materialised"], 1e-5)
+
+
+def test_tiny_run_learns_and_writes_json_and_png(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [
+        "demo",
+        "lm",
+        "--corpus",
+        str(corpus),
+        *TINY,
+        "--steps",
+        "9",
+        "--lr",
+        "1e-2",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--no-memory",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    record = json.loads((out / "history.json").read_text())
+    assert (out / "training.png").stat().st_size > 5_000
+    history = record["history"]
+    assert [h["step"] for h in history] == [1, 3, 6, 9]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert record["unigram_entropy"] > 0
+    text = capsys.readouterr().out
+    assert "unigram entropy of the validation tokens" in text
+    assert "tokens/s" in text
+
+
+@pytest.mark.slow
+def test_step_memory_is_measured_per_process_for_both_heads():
+    rows = _demo_lm.memory_rows(_args("--vocab", "4096", "--steps", "1"), [4, 16])
+    assert {(r["head"], r["batch"]) for r in rows} == {
+        (h, b) for h in ("fused", "materialised") for b in (4, 16)
+    }
+    for r in rows:
+        assert "error" not in r, r
+        assert r["xla_temp_mib"] > 0
+    by = {(r["head"], r["batch"]): r for r in rows}
+    assert by[("fused", 16)]["xla_temp_mib"] < by[("materialised", 16)]["xla_temp_mib"]
+
+
+def test_a_missing_corpus_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="is not a folder"):
+        _demo_lm.corpus_files(str(tmp_path / "nothere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no text files"):
+        _demo_lm.corpus_files(str(tmp_path / "empty"))
