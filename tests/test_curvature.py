@@ -133,12 +133,14 @@ class Reference:
 
 
 def _with_reductions(option_sets):
-    """Every set with "mean" and "none"; "sum" (a sum of "none") in the slow tier but for two."""
+    """Every set with "mean"; "sum" and "none" for the plain, the per-logit-mask and the all-options
+    sets, the rest of them in the slow tier."""
     out = []
     for p in _with_label_kinds(option_sets):
         opts, soft = p.values
         for reduction in ("mean", "sum", "none"):
-            slow = reduction == "sum" and opts not in (option_sets[0], option_sets[-1])
+            edges = (option_sets[0], option_sets[-2], option_sets[-1])
+            slow = reduction != "mean" and opts not in edges
             marks = [pytest.mark.slow] if slow else []
             out.append(pytest.param(opts, soft, reduction, id=f"{p.id}-{reduction}", marks=marks))
     return out

@@ -266,7 +266,7 @@ def test_spectral_density_integrates_to_one_and_its_trace_is_right(x64):
         lambda v: product(params, x, y, v),
         params,
         num_iters=size,
-        num_probes=200,
+        num_probes=100,
         key=jax.random.key(12),
     )
     traces = size * np.sum(np.asarray(nodes) * np.asarray(weights), axis=1)  # P v^T H v / |v|^2
@@ -329,6 +329,7 @@ def test_curvature_command_writes_json_and_png(tmp_path, capsys):
     assert "sharpness (largest Hessian eigenvalue)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_curvature_command_loads_user_code_like_check(tmp_path, monkeypatch, capsys):
     from jxent._cli import main
 

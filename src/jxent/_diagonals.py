@@ -245,9 +245,9 @@ def ggn_diagonal(predictor: Predictor, **loss_options: Any) -> GGNDiagonalFn:
     Examples:
         >>> import jax, jax.numpy as jnp, jxent
         >>> from jxent.predictors import linear
-        >>> params = linear.init(jax.random.key(0), 4, 3)
+        >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}  # p = 1/3 for every class
         >>> d = jxent.ggn_diagonal(linear.apply)(params, jnp.ones((2, 4)), jnp.array([0, 1]))
-        >>> print(d["b"])  # diag(p) - pp^T at p = 1/3: 2/9 for each class
+        >>> print(d["b"])  # the mean of diag(p) - pp^T over 2 examples: 1/3 - 1/9 = 2/9
         [0.22222222 0.22222222 0.22222222]
 
     References:
