@@ -365,3 +365,41 @@ def test_curvature_command_loads_user_code_like_check(tmp_path, monkeypatch, cap
     bad = ["curvature", "--predictor", "mymodel:apply", "--init", "mymodel:nothere"]
     assert main([*bad, "--features", "3"]) == 2
     assert "has no attribute 'nothere'" in capsys.readouterr().err
+
+
+def test_samplers_under_x64_and_with_nan_logits(x64):
+    """int32 labels with float64 enabled; a row with a NaN score has no distribution: -1."""
+    x, w = jnp.ones((3, 4)), jnp.zeros((4, 5))
+    bias = jnp.zeros(5).at[2].set(jnp.nan)
+    labels = jxent.linear_sample_labels(jax.random.key(0), x, w, bias=bias, vocab_block_size=2)
+    assert labels.dtype == jnp.int32
+    assert labels.tolist() == [-1, -1, -1]
+    labels = jxent.linear_sample_labels(jax.random.key(0), x, w, vocab_block_size=2)
+    assert all(0 <= v < 5 for v in labels.tolist())
+    logits = jnp.array([[0.0, jnp.nan], [0.0, 1.0]])
+    assert jxent.sample_labels(jax.random.key(0), logits).tolist()[0] == -1
+    masked = jxent.sample_labels(jax.random.key(0), logits, where=jnp.array([[True, False]] * 2))
+    assert masked.tolist() == [0, 0]  # a NaN in a masked class does not matter
+
+
+def test_curvature_command_refuses_bad_user_models_and_flags_in_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    from jxent._cli import main
+
+    (tmp_path / "shapes.py").write_text(
+        "import jax\n"
+        "def init(key):\n    return {'w': jax.random.normal(key, (3, 4))}\n"
+        "def apply(p, x):\n    return (x @ p['w'])[:, :, None]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    args = ["curvature", "--predictor", "shapes:apply", "--init", "shapes:init", "--features", "3"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "to logits of shape (512, classes), found (512, 4, 1)" in err
+    assert main(["curvature", "--k", "6", "--iters", "5"]) == 2
+    assert "--k 6 needs at least as many Lanczos steps: --iters 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["curvature", "--samples", "1"])
+    assert "a standard error needs >= 2 samples" in capsys.readouterr().err

@@ -145,3 +145,57 @@ def test_a_missing_corpus_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no text files"):
         _demo_lm.corpus_files(str(tmp_path / "empty"))
+
+
+def test_bad_corpora_and_flags_get_clear_messages(corpus, tmp_path, capsys):
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.py").write_text("print('hello')\n")
+    (one / ".git").mkdir()
+    (one / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # hidden: not corpus text
+    with pytest.raises(SystemExit, match=r"found 1 text file\(s\).*at least 2"):
+        _demo_lm.corpus_files(str(one))
+    with pytest.raises(SystemExit) as err:
+        main(["demo", "lm", "--vocab", "10"])
+    assert err.value.code == 2
+    assert "must be at least 258, found 10" in capsys.readouterr().err
+    short = tmp_path / "short"
+    short.mkdir()
+    for i in range(12):
+        (short / f"f{i}.txt").write_text("hello world\n")
+    argv = [
+        "demo",
+        "lm",
+        "--corpus",
+        str(short),
+        *TINY,
+        "--context",
+        "64",
+        "--no-memory",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(SystemExit, match="fewer than one window of --context 64"):
+        main(argv)
+
+
+def test_a_one_step_run_reports_its_speed(corpus, tmp_path, capsys):
+    argv = [
+        "demo",
+        "lm",
+        "--corpus",
+        str(corpus),
+        *TINY,
+        "--steps",
+        "1",
+        "--no-memory",
+        "--no-plot",
+        "--cache",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 0
+    assert "tokens/s" in capsys.readouterr().out

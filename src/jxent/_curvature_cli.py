@@ -23,6 +23,7 @@ from jxent import _demo
 from jxent._curvature import ggn_vector_product, hessian_vector_product
 from jxent._diagonals import rademacher_like
 from jxent._spectrum import density_on_grid, lanczos, slq_nodes, tridiagonal_eigh
+from jxent._vjp import logits_only
 from jxent.predictors import mlp
 from jxent.train import fit
 
@@ -71,16 +72,31 @@ def _summary(out: dict[str, jax.Array]) -> dict[str, Any]:
 def _data(args: argparse.Namespace) -> tuple[Callable, Any, Any, Any, Any]:
     """``(apply, params, x_train, y_train, (x_batch, y_batch))``: the demo's, or the user's."""
     if args.predictor or args.init:
-        from jxent._cli import LoadError, _load
+        from jxent._cli import LoadError, _first_line, _load
 
         if not (args.predictor and args.init and args.features):
             raise LoadError("--predictor needs --init and --features too")
         apply, init = _load(args.predictor), _load(args.init)
         k_init, k_x, k_y = jax.random.split(jax.random.key(args.seed), 3)
         x = jax.random.normal(k_x, (args.batch, args.features))
-        params = init(k_init)
-        classes = jax.eval_shape(apply, params, x).shape[-1]
-        y = jax.random.randint(k_y, (args.batch,), 0, classes)
+        # As `jxent check`: user code that fails on the flags' inputs is a run that could not
+        # start (exit 2, one line), not a traceback.
+        try:
+            params = init(k_init)
+            logits = jax.eval_shape(lambda p, x: logits_only(apply(p, x)), params, x)
+            if len(logits.shape) != 2 or logits.shape[0] != args.batch:
+                raise ValueError(
+                    f"the predictor must map x of shape {x.shape} to logits of shape "
+                    f"({args.batch}, classes), found {logits.shape}"
+                )
+            if not jnp.issubdtype(logits.dtype, jnp.floating):
+                raise TypeError(f"the predictor's logits must be floating, found {logits.dtype}")
+        except Exception as err:
+            raise LoadError(
+                f"cannot run {args.predictor} on x of shape {x.shape} (--batch, --features) with "
+                f"params from {args.init}: {_first_line(err)}"
+            ) from err
+        y = jax.random.randint(k_y, (args.batch,), 0, logits.shape[-1])
         return apply, params, x, y, (x, y)
     (x_train, y_train), _ = _demo.load_digits_split(args.seed)
     params = mlp.init(jax.random.key(args.seed), [x_train.shape[1], args.hidden, 10])
@@ -92,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``jxent curvature``; returns the exit code."""
     from tqdm.auto import tqdm
 
+    from jxent._cli import LoadError
+
+    if args.k > args.iters:
+        raise LoadError(f"--k {args.k} needs at least as many Lanczos steps: --iters {args.iters}")
     start = time.perf_counter()
     apply, params, x_train, y_train, (x, y) = _data(args)
     size = sum(a.size for a in jax.tree.leaves(params))
@@ -175,6 +195,13 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a standard error needs >= 2 samples, found {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's flags."""
     from jxent._cli import _positive
@@ -186,10 +213,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=_positive, default=5, help="top eigenvalues (5)")
     parser.add_argument("--iters", type=_positive, default=40, help="Lanczos steps (40)")
     parser.add_argument("--probes", type=_positive, default=3, help="SLQ probes (3)")
-    parser.add_argument("--samples", type=_positive, default=20, help="Hutchinson samples (20)")
-    parser.add_argument("--predictor", help="your predictor as module:function(params, x)")
+    parser.add_argument(
+        "--samples", type=_at_least_two, default=20, help="Hutchinson samples, >= 2 (20)"
+    )
+    parser.add_argument(
+        "--predictor",
+        help="your predictor as module:function(params, x); it is analysed and trained on "
+        "--batch random normal inputs with random labels (a memorisation task)",
+    )
     parser.add_argument("--init", help="its initialiser as module:function(key) -> params")
     parser.add_argument("--features", type=_positive, help="input dimension D of your predictor")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed (0)")
-    parser.add_argument("--out", default="jxent-curvature", help="output folder")
+    parser.add_argument("--out", default="jxent-curvature", help="output folder (jxent-curvature)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")

@@ -49,9 +49,13 @@ def corpus_files(corpus: str | None) -> tuple[Path, list[Path]]:
         root = Path(corpus)
         if not root.is_dir():
             raise SystemExit(f"jxent demo lm: --corpus {corpus!r} is not a folder")
-        files = sorted(p for p in root.rglob("*") if p.is_file())
-    if not files:
-        raise SystemExit(f"jxent demo lm: no text files found in {root}")
+        hidden = lambda p: any(part.startswith(".") for part in p.relative_to(root).parts)  # noqa: E731
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not hidden(p))
+    if len(files) < 2:
+        raise SystemExit(
+            f"jxent demo lm: found {len(files)} text file(s) in {root}; the split needs at least "
+            "2 (one for training, one for validation)"
+        )
     return root, files
 
 
@@ -107,10 +111,10 @@ def _hash_order(root: Path, files: list[Path]) -> list[Path]:
 
 
 def _prefix(texts: list[str], chars: int) -> list[str]:
-    """The leading texts up to ``chars`` characters in all (at least one)."""
+    """The leading texts until they hold ``chars`` characters (all of them if they hold fewer)."""
     out, total = [], 0
     for text in texts:
-        if out and total + len(text) > chars:
+        if total >= chars:
             break
         out.append(text)
         total += len(text)
@@ -314,6 +318,11 @@ def run(args: argparse.Namespace) -> int:
     needed = 3 * args.steps * args.batch * (args.context + 1) * 4  # ~4 characters a token
     train_stream = encode(tokenizer, _prefix(train_texts, needed))
     val_stream = encode(tokenizer, val_texts)
+    if len(train_stream) <= args.context + 1:
+        raise SystemExit(
+            f"jxent demo lm: the training split holds {len(train_stream)} tokens, fewer than one "
+            f"window of --context {args.context} + 1; use a larger --corpus or a shorter --context"
+        )
     entropy = unigram_entropy(val_stream)
     print(
         f"tokens: {len(train_stream):,} training, {len(val_stream):,} validation; unigram "
@@ -363,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val:.3f}")
     bar.close()
     first = history[0]["seconds"]  # the first step includes compilation
-    steady = (train_time - first) / max(1, args.steps - 1)
+    steady = (train_time - first) / (args.steps - 1) if args.steps > 1 else first
     final = history[-1]
     print(
         f"trained {args.steps} steps of {tokens_per_step} tokens in {train_time:.1f} s (first step "
@@ -486,7 +495,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jxent._cli import _positive
 
     parser.add_argument("--corpus", help="a folder of text files (default: Python's stdlib *.py)")
-    parser.add_argument("--vocab", type=_positive, default=32768, help="BPE vocabulary (32768)")
+    parser.add_argument(
+        "--vocab", type=_vocab_size, default=32768, help="BPE vocabulary, >= 258 (32768)"
+    )
     parser.add_argument("--width", type=_positive, default=128, help="model width (128)")
     parser.add_argument("--layers", type=_positive, default=2, help="transformer blocks (2)")
     parser.add_argument("--heads", type=_positive, default=4, help="attention heads (4)")
@@ -513,6 +524,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar"
     )
+
+
+def _vocab_size(text: str) -> int:
+    value = int(text)
+    if value < 256 + len(SPECIALS):
+        raise argparse.ArgumentTypeError(
+            f"a byte-level BPE has 256 byte tokens and {len(SPECIALS)} special ones: the "
+            f"vocabulary must be at least {256 + len(SPECIALS)}, found {value}"
+        )
+    return value
 
 
 def _measure_main(argv: list[str]) -> None:

@@ -46,8 +46,10 @@ def sample_labels(
     distribution the loss's softmax uses. Classes masked by a per-logit ``where`` (or with a
     ``-inf`` logit) are never drawn; a per-example ``where`` does not change the distribution
     (the loss then ignores those examples). An example with no class left gets label 0, which a
-    loss with the same ``where`` does not count. Drawn with ``jax.random.categorical`` (the
-    Gumbel-max trick) in float32 or wider.
+    loss with the same ``where`` does not count. An example with a NaN score (in a class that is
+    not masked) has no distribution and gets label -1, which the loss refuses (eagerly) or turns
+    into NaN (under ``jit``). Drawn with ``jax.random.categorical`` (the Gumbel-max trick) in
+    float32 or wider.
 
     Args:
         key: PRNG key.
@@ -87,7 +89,8 @@ def _sample_rows(key, x, class_mask, logit_softcap):
     s = _capped(x, logit_softcap)
     if class_mask is not None:
         s = jnp.where(class_mask, s, NEG_INF)
-    return jax.random.categorical(key, s, axis=-1).astype(jnp.int32)
+    labels = jax.random.categorical(key, s, axis=-1).astype(jnp.int32)
+    return jnp.where(jnp.any(jnp.isnan(s), axis=-1), -1, labels)  # no distribution: no label
 
 
 def linear_sample_labels(
@@ -107,7 +110,8 @@ def linear_sample_labels(
     standard Gumbel noise :math:`g` give the block's best :math:`s_l + g_l`; the running best
     over blocks is the draw. Buffers are ``[chunk_size, vocab_block_size]``. The noise differs
     from :func:`sample_labels`'s (other shapes, other keys), so the two agree in distribution,
-    not draw by draw. Deterministic for a given key and schedule.
+    not draw by draw. Deterministic for a given key and schedule. A token with a NaN logit gets
+    label -1, as in :func:`sample_labels`.
 
     Args:
         key: PRNG key.
@@ -164,16 +168,22 @@ def _linear_sampler(sched: _linear._Schedule, logit_softcap: float | None) -> An
                 z = z + lax.dynamic_slice_in_dim(b, start, size).astype(acc)[None, :]
                 noise = jax.random.gumbel(jax.random.fold_in(chunk_key, start), z.shape, acc)
                 score = _capped(z, logit_softcap) + noise
-                value, where = jnp.max(score, axis=1), jnp.argmax(score, axis=1) + start
+                value = jnp.max(score, axis=1)
+                where = (jnp.argmax(score, axis=1) + start).astype(jnp.int32)  # int32 under x64
                 better = value > best[0]
-                return jnp.where(better, value, best[0]), jnp.where(better, where, best[1])
+                nan = best[2] | jnp.any(jnp.isnan(score), axis=1)
+                return jnp.where(better, value, best[0]), jnp.where(better, where, best[1]), nan
 
-            best = (jnp.full((chunk,), NEG_INF, acc), jnp.zeros((chunk,), jnp.int32))
+            best = (
+                jnp.full((chunk,), NEG_INF, acc),
+                jnp.zeros((chunk,), jnp.int32),
+                jnp.zeros((chunk,), bool),
+            )
             go = lambda j, c: step(c, j * block, block)  # noqa: E731
             best = lax.fori_loop(0, full_blocks, go, best)
             if rest:
                 best = step(best, full_blocks * block, rest)
-            return None, best[1].astype(jnp.int32)
+            return None, jnp.where(best[2], -1, best[1])
 
         _, labels = lax.scan(body, None, (xs, jnp.arange(chunks)))
         return labels.reshape(-1)[:num_tokens]
