@@ -1,4 +1,4 @@
-"""Curvature-product workloads of ``python -m benchmarks`` (issue targets as ratios, one run).
+"""Curvature workloads of ``python -m benchmarks`` (alone: ``python -m benchmarks.curvature``).
 
 - MLP 784-512-512-10, B=1024, float32: ``jxent.ggn_vector_product`` against
   ``jxent.value_and_grad`` (target <= 2.5x) and ``jxent.hessian_vector_product`` against
@@ -122,3 +122,26 @@ def markdown(res: dict[str, Any]) -> str:
         bound = "≥" if "scratch" in name else "≤"
         lines.append(f"| {name} | {value:.2f} | {bound} {TARGETS[name]} |")
     return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """``python -m benchmarks.curvature``: only these workloads, at the default shapes."""
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    from benchmarks.run import machine
+
+    start = time.perf_counter()
+    res = {"machine": machine(), "curvature": run(lambda full, small: full, 7)}
+    res["wall_s"] = time.perf_counter() - start
+    out = Path(__file__).resolve().parent / "results"
+    name = f"curvature-{jax.default_backend()}-{os.cpu_count()}cores"
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2))
+    (out / f"{name}.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
