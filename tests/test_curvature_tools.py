@@ -142,7 +142,9 @@ ALL_OPTIONS = {
 
 
 @pytest.mark.parametrize("opts", [{}, ALL_OPTIONS], ids=["plain", "all-options"])
-@pytest.mark.parametrize("name", ["linear", "mlp", "embedding"])
+@pytest.mark.parametrize(
+    "name", ["linear", pytest.param("mlp", marks=pytest.mark.slow), "embedding"]
+)
 def test_exact_ggn_diagonal_is_the_dense_ggns_diagonal(x64, name, opts):
     apply, params, x, y = _model(name)
     dense = _dense(jxent.ggn_vector_product(apply, **opts), params, x, y)
@@ -168,7 +170,13 @@ def test_exact_ggn_diagonal_with_several_rows_per_example_and_a_middle_class_axi
 
 @pytest.mark.parametrize(
     "opts",
-    [{}, {"logit_softcap": 2.0, "where": jnp.array([True, False, True, True, True, True])}],
+    [
+        {},
+        pytest.param(
+            {"logit_softcap": 2.0, "where": jnp.array([True, False, True, True, True, True])},
+            marks=pytest.mark.slow,
+        ),
+    ],
     ids=["plain", "cap+where"],
 )
 def test_gnb_is_unbiased_for_the_ggn_diagonal_of_the_mean_loss(x64, opts):
@@ -189,6 +197,7 @@ def test_gnb_is_unbiased_for_the_ggn_diagonal_of_the_mean_loss(x64, opts):
     assert np.max(np.abs(draws.mean(0) * B - exact) / exact.max()) > 0.5
 
 
+@pytest.mark.slow  # the README command's time budget
 def test_hutchinson_diagonal_and_trace_within_three_standard_errors(x64):
     apply, params, x, y = _model("mlp")
     opts = {"z_loss": 0.1, "label_smoothing": 0.1}
@@ -254,6 +263,7 @@ def test_top_eigenvalues_match_eigvalsh_of_the_dense_matrix(x64, curvature):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@pytest.mark.slow  # the README command's time budget
 def test_spectral_density_integrates_to_one_and_its_trace_is_right(x64):
     apply, params, x, y = _model("embedding")
     size = ravel_pytree(params)[0].size
@@ -291,6 +301,7 @@ def test_spectrum_errors_are_named(x64):
 # --- jxent curvature --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the README command's time budget
 def test_curvature_command_writes_json_and_png(tmp_path, capsys):
     from jxent._cli import main
 

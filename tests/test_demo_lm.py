@@ -143,7 +143,7 @@ def test_a_missing_corpus_is_named(tmp_path):
     with pytest.raises(SystemExit, match="is not a folder"):
         _demo_lm.corpus_files(str(tmp_path / "nothere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no text files"):
+    with pytest.raises(SystemExit, match=r"found 0 text file\(s\)"):
         _demo_lm.corpus_files(str(tmp_path / "empty"))
 
 
