@@ -46,12 +46,18 @@ def _check_builtin(dtype: Any) -> bool:
     return ok
 
 
-def _check_user(args: argparse.Namespace) -> bool:
+def user_model(args: argparse.Namespace) -> tuple[Callable[..., Any], Any, jax.Array, jax.Array]:
+    """``(apply, params, x, labels)`` from ``--predictor``/``--init`` on the flags' random inputs.
+
+    Shared by ``jxent check`` and ``jxent curvature``. Running the user's init and predictor on
+    the inputs the flags describe: a failure here is not a failed check (exit 1) but a run that
+    could not start (``LoadError``: one line, exit 2).
+    """
+    if not (args.predictor and args.init and args.features):
+        raise LoadError("--predictor needs --init and --features too")
     apply, init = _load(args.predictor), _load(args.init)
     k_init, k_x, k_y = jax.random.split(jax.random.key(args.seed), 3)
     x = jax.random.normal(k_x, (args.batch, args.features))
-    # Running the user's init and predictor on the inputs their flags describe: a failure here
-    # is not a failed gradient check (exit 1) but a check that could not run (exit 2).
     try:
         params = init(k_init)
         logits = jax.eval_shape(lambda p, x: logits_only(apply(p, x)), params, x)
@@ -60,12 +66,19 @@ def _check_user(args: argparse.Namespace) -> bool:
                 f"the predictor must map x of shape {x.shape} to logits of shape "
                 f"({args.batch}, classes), found {logits.shape}"
             )
+        if not jnp.issubdtype(logits.dtype, jnp.floating):
+            raise TypeError(f"the predictor's logits must be floating, found {logits.dtype}")
     except Exception as err:
         raise LoadError(
             f"cannot run {args.predictor} on x of shape {x.shape} (--batch, --features) with "
             f"params from {args.init}: {_first_line(err)}"
         ) from err
     y = jax.random.randint(k_y, (args.batch,), 0, logits.shape[-1])
+    return apply, params, x, y
+
+
+def _check_user(args: argparse.Namespace) -> bool:
+    apply, params, x, y = user_model(args)
     report = check_grads(hand_grad(apply), apply, params, x, y)
     print(f"== {args.predictor}: jxent.grad vs jax.grad and float64 finite differences")
     print(report)
@@ -137,8 +150,6 @@ def _check(args: argparse.Namespace) -> int:
     if args.demo_mistakes:
         return 0 if _demo_mistakes() else 1
     if args.predictor or args.init:
-        if not (args.predictor and args.init and args.features):
-            raise LoadError("--predictor needs --init and --features too")
         return 0 if _check_user(args) else 1
     ok = _check_builtin(jnp.float32)
     with jax.enable_x64(True):

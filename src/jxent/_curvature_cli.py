@@ -23,7 +23,6 @@ from jxent import _demo
 from jxent._curvature import ggn_vector_product, hessian_vector_product
 from jxent._diagonals import rademacher_like
 from jxent._spectrum import density_on_grid, lanczos, slq_nodes, tridiagonal_eigh
-from jxent._vjp import logits_only
 from jxent.predictors import mlp
 from jxent.train import fit
 
@@ -72,31 +71,9 @@ def _summary(out: dict[str, jax.Array]) -> dict[str, Any]:
 def _data(args: argparse.Namespace) -> tuple[Callable, Any, Any, Any, Any]:
     """``(apply, params, x_train, y_train, (x_batch, y_batch))``: the demo's, or the user's."""
     if args.predictor or args.init:
-        from jxent._cli import LoadError, _first_line, _load
+        from jxent._cli import user_model
 
-        if not (args.predictor and args.init and args.features):
-            raise LoadError("--predictor needs --init and --features too")
-        apply, init = _load(args.predictor), _load(args.init)
-        k_init, k_x, k_y = jax.random.split(jax.random.key(args.seed), 3)
-        x = jax.random.normal(k_x, (args.batch, args.features))
-        # As `jxent check`: user code that fails on the flags' inputs is a run that could not
-        # start (exit 2, one line), not a traceback.
-        try:
-            params = init(k_init)
-            logits = jax.eval_shape(lambda p, x: logits_only(apply(p, x)), params, x)
-            if len(logits.shape) != 2 or logits.shape[0] != args.batch:
-                raise ValueError(
-                    f"the predictor must map x of shape {x.shape} to logits of shape "
-                    f"({args.batch}, classes), found {logits.shape}"
-                )
-            if not jnp.issubdtype(logits.dtype, jnp.floating):
-                raise TypeError(f"the predictor's logits must be floating, found {logits.dtype}")
-        except Exception as err:
-            raise LoadError(
-                f"cannot run {args.predictor} on x of shape {x.shape} (--batch, --features) with "
-                f"params from {args.init}: {_first_line(err)}"
-            ) from err
-        y = jax.random.randint(k_y, (args.batch,), 0, logits.shape[-1])
+        apply, params, x, y = user_model(args)
         return apply, params, x, y, (x, y)
     (x_train, y_train), _ = _demo.load_digits_split(args.seed)
     params = mlp.init(jax.random.key(args.seed), [x_train.shape[1], args.hidden, 10])
