@@ -136,6 +136,8 @@ def test_an_empty_batch_gives_empty_results_on_every_path():
     assert jxent.logits_hvp(x, y, x).shape == (0, 5)
     assert jxent.sample_labels(jax.random.key(0), x).shape == (0,)
     assert float(jxent.linear_cross_entropy(h, w, y)) == 0.0
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("vocab",))
+    assert float(jxent.vocab_parallel_linear_cross_entropy(h, w, y, mesh=mesh)) == 0.0
     dh, dw = jax.grad(jxent.linear_cross_entropy, argnums=(0, 1))(h, w, y)
     assert dh.shape == (0, 3)
     assert not np.any(dw)

@@ -19,7 +19,7 @@ from jax.typing import ArrayLike
 
 from jxent import _options, _validate
 from jxent._curvature import ggn_vector_product, hessian_vector_product
-from jxent._loss import ggn_factor, logits_grad
+from jxent._loss import _prepare, counted_rows, ggn_factor, logits_grad
 from jxent._sampling import sample_labels
 from jxent._vjp import Predictor, PyTree, _named, logits_only
 
@@ -90,7 +90,9 @@ def gnb_diagonal(predictor: Predictor, **options: Any) -> GNBFn:
         logits, pullback = jax.vjp(lambda p: logits_only(predictor(p, x)), params)
         labels = sample_labels(key, lax.stop_gradient(logits), **opts)
         (grads,) = pullback(logits_grad(logits, labels, **opts))
-        count = _counted_examples(logits, opts)
+        # B: the examples the mean averages over, counted as the loss counts them.
+        counted = counted_rows(_prepare("gnb_diagonal", logits, labels, **opts))
+        count = jnp.sum(counted).astype(jnp.promote_types(logits.dtype, jnp.float32))
         return jax.tree.map(lambda g: (count * g * g).astype(g.dtype), grads)
 
     return _named(gnb_fn, "gnb_diagonal", predictor)
@@ -105,16 +107,6 @@ def _check_gnb_options(options: dict[str, Any]) -> None:
                 "unbiased only for the plain mean cross-entropy of the model's own distribution "
                 f"(options: {', '.join(GNB_OPTIONS)}); use ggn_diagonal or hutchinson_diagonal"
             )
-
-
-def _counted_examples(logits: jax.Array, options: dict[str, Any]) -> jax.Array:
-    """:math:`B`: examples with ``where`` true and at least one class left."""
-    layout = _validate.check_logits(logits, options.get("axis", -1))
-    row_mask, class_mask = _validate.check_where(options.get("where"), logits.shape, layout)
-    counted = jnp.ones((layout.num_rows,), bool) if row_mask is None else row_mask
-    if class_mask is not None:
-        counted = counted & jnp.any(class_mask, axis=-1)
-    return jnp.sum(counted).astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
 class HutchinsonFn(Protocol):

@@ -84,6 +84,14 @@ def _prepare(
     return _Problem(config, layout, (x, *rows, class_mask, *arrays))
 
 
+def counted_rows(problem: _Problem) -> jax.Array:
+    """``bool [rows]``: the examples the loss counts (``where``, ``ignore_index``, a class left)."""
+    counted, class_mask = problem.args[2], problem.args[4]
+    if class_mask is not None:
+        counted = counted & jnp.any(class_mask, axis=-1)
+    return counted
+
+
 class _Forward(NamedTuple):
     loss: jax.Array
     grad: jax.Array | None

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jxent._loss import _prepare, softmax_cross_entropy
+from jxent._loss import _prepare, counted_rows, softmax_cross_entropy
 from jxent._options import STRUCTURAL_OPTIONS, check_option_names, split_static
 from jxent._vjp import Predictor, logits_only, loss_grads_and_logits
 
@@ -129,10 +129,10 @@ def accuracy(
         counts) and how many counted, both float32 scalars.
     """
     problem = _prepare("accuracy", logits, labels, **loss_options)
-    scores, labels_rows, counted, _, class_mask = problem.args[:5]
+    scores, labels_rows, _, _, class_mask = problem.args[:5]
+    counted = counted_rows(problem)
     if class_mask is not None:
         scores = jnp.where(class_mask, scores, -jnp.inf)
-        counted = counted & jnp.any(class_mask, axis=-1)
     target = jnp.argmax(labels_rows, axis=-1) if problem.config.soft else labels_rows
     right = counted & (jnp.argmax(scores, axis=-1) == target)
     count = jnp.sum(counted).astype(jnp.float32)
