@@ -13,7 +13,7 @@ import pytest
 
 import jxent
 from _reference import reference_loss
-from jxent import _linear
+from jxent import _chunked
 
 N, D, L = 37, 5, 23  # chunk sizes below do not divide N; a vocabulary block of 5 leaves 3
 IGNORE = -100
@@ -21,7 +21,7 @@ IGNORE = -100
 
 @pytest.fixture
 def small_vocab_blocks(monkeypatch):
-    monkeypatch.setattr(_linear, "_VOCAB_BLOCK", 5)
+    monkeypatch.setattr(_chunked, "_VOCAB_BLOCK", 5)
 
 
 def inputs(key, soft=False):
@@ -133,11 +133,11 @@ def test_all_ignored_batch_is_zero_not_nan(x64, key):
 
 
 def test_default_chunk_size_is_picked_from_the_shapes():
-    assert _linear.default_chunk_size(2048, 65536) == 2048
-    assert _linear.default_chunk_size(2048, 1000) == 2048
-    assert _linear.default_chunk_size(8192, 1000) == 4096
-    assert _linear.default_chunk_size(5, 1000) == 8
-    assert _linear.default_chunk_size(4096, 262144) == 2048
+    assert _chunked.default_chunk_size(2048, 65536) == 2048
+    assert _chunked.default_chunk_size(2048, 1000) == 2048
+    assert _chunked.default_chunk_size(8192, 1000) == 4096
+    assert _chunked.default_chunk_size(5, 1000) == 8
+    assert _chunked.default_chunk_size(4096, 262144) == 2048
 
 
 def test_bad_inputs_raise():

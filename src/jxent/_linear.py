@@ -29,51 +29,37 @@ makes the transpose recompute :math:`G_b` instead of storing it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from jxent import _kernel, _options, _validate
+from jxent import _chunked, _kernel, _options, _tokens, _validate
 from jxent._kernel import Rows
 from jxent._loss import Reduction
 from jxent._options import Arrays, Config
 
-# A [chunk, vocab_block] float32 buffer is kept near this many elements (16 MiB).
-_CHUNK_ELEMENTS = 2**22
-_VOCAB_BLOCK = 2048
-_MAX_CHUNK = 4096
 
+class HeadArgs(NamedTuple):
+    """The loss's arguments after validation, in the custom_jvp's order.
 
-def default_chunk_size(num_tokens: int, num_classes: int) -> int:
-    """Tokens per chunk: ``chunk * min(L, vocab block)`` near 4M elements, at most 4096.
-
-    Each chunk updates the whole dW once, so larger chunks mean fewer passes over it; the
-    chunk's ``[chunk, block]`` logits stay 16 MiB (2048 tokens for blocks of 2048 classes).
-    At most ``N`` rounded up to a multiple of 8 (8 when there are no tokens).
+    Attributes:
+        x: Hidden states ``[N, D]``.
+        w: Output projection ``[D, L]``.
+        b: Bias ``[L]`` (zeros without one).
+        labels: Class indices ``int32 [N]`` (clipped) or probabilities ``[N, L]``.
+        counted: ``bool [N]``: the token counts (``where``, ``ignore_index``).
+        bad: ``bool [N]``: counted with a label out of range (NaN loss).
+        weights: Class weights ``[L]`` (ones without them).
+        eps: Label smoothing (scalar).
+        z: z-loss coefficient (scalar).
     """
-    chunk = 8
-    while chunk < _MAX_CHUNK and 2 * chunk * min(num_classes, _VOCAB_BLOCK) <= _CHUNK_ELEMENTS:
-        chunk *= 2
-    return min(chunk, max(8, -(-num_tokens // 8) * 8))  # 8 for no tokens: an empty scan
-
-
-@dataclasses.dataclass(frozen=True)
-class _Schedule:
-    chunk: int
-    block: int
-    axis_name: str | None = None  # the mesh axis that shards the vocabulary, if any
-    mesh: Mesh | None = None
-
-
-class _Args(NamedTuple):
-    """The custom_jvp's arguments, in order."""
 
     x: jax.Array
     w: jax.Array
@@ -86,12 +72,12 @@ class _Args(NamedTuple):
     z: jax.Array
 
 
-def accumulation_dtype(x: jax.Array, w: jax.Array) -> Any:
-    """float32 for bf16/fp16/fp32 inputs, float64 for float64 ones."""
-    return jnp.promote_types(jnp.promote_types(x.dtype, w.dtype), jnp.float32)
+def arg_roles(soft: bool) -> HeadArgs:
+    """Each argument's dimensions for ``_tokens``: ``T`` tokens, ``V`` classes, ``.`` neither."""
+    return HeadArgs("T.", ".V", "V", "TV" if soft else "T", "T", "T", "V", "", "")
 
 
-def _prepare(
+def prepare(
     function: str,
     x: ArrayLike,
     w: ArrayLike,
@@ -99,13 +85,13 @@ def _prepare(
     bias: ArrayLike | None,
     where: ArrayLike | None,
     options: dict[str, Any],
-) -> tuple[Config, _Args]:
+) -> tuple[Config, HeadArgs]:
     """Validates the arguments; returns the static config and the custom_jvp's arguments."""
     _options.check_option_names(options, function)
     if "axis" in options:
         raise TypeError(f"{function}() has no axis option: classes are w's columns")
     x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
-    num_tokens, num_classes = _check_shapes(x, w, bias)
+    num_tokens, num_classes = check_shapes(x, w, bias)
     layout = _validate.Layout((0, 1), (num_tokens,), (num_classes,))
     soft = _validate.check_labels((num_tokens, num_classes), labels, layout)
     row_mask, class_mask = _validate.check_where(where, (num_tokens, num_classes), layout)
@@ -114,12 +100,11 @@ def _prepare(
             f"{function}: where must be a token mask of shape ({num_tokens},); a per-logit mask "
             f"needs the logits, which this loss never forms (use softmax_cross_entropy)"
         )
-    acc = accumulation_dtype(x, w)
     config, arrays = _options.prepare(
         batch_shape=(num_tokens,),
         num_classes=num_classes,
         soft=soft,
-        compute_dtype=acc,
+        compute_dtype=_chunked.accumulation_dtype(x, w),
         **options,
     )
     if row_mask is None:
@@ -131,10 +116,11 @@ def _prepare(
         rows = _kernel.integer_rows(config, labels, row_mask)
     rows = rows._replace(bad=rows.bad | _options.bad_option(config, arrays))
     b = jnp.zeros((num_classes,), w.dtype) if bias is None else jnp.asarray(bias)
-    return config, _Args(x, w, b, *rows, *arrays)
+    return config, HeadArgs(x, w, b, *rows, *arrays)
 
 
-def _check_shapes(x: jax.Array, w: jax.Array, bias: ArrayLike | None) -> tuple[int, int]:
+def check_shapes(x: jax.Array, w: jax.Array, bias: ArrayLike | None) -> tuple[int, int]:
+    """``(N, L)`` of a head ``x [N, D]``, ``w [D, L]``, ``bias [L]``; raises on anything else."""
     for name, a in (("x", x), ("w", w)):
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise TypeError(f"{name} must have a floating dtype, found {a.dtype}")
@@ -149,12 +135,28 @@ def _check_shapes(x: jax.Array, w: jax.Array, bias: ArrayLike | None) -> tuple[i
     return x.shape[0], w.shape[1]
 
 
+def block_target(
+    config: Config, args: HeadArgs, rows: Rows, s: jax.Array, start: Any, offset: Any = 0
+) -> _kernel.Target:
+    """The target of columns ``[start, start + size)`` of this shard (its first is ``offset``).
+
+    Probability labels and class weights are sliced locally; class indices are compared with
+    global column numbers.
+    """
+    size = s.shape[1]
+    weights = lax.dynamic_slice_in_dim(args.weights, start, size) if config.has_weights else None
+    if config.soft:
+        q = lax.dynamic_slice_in_dim(rows.labels, start, size, axis=1)
+        return _kernel.target_block(config, q, weights, args.eps, s, 0)
+    return _kernel.target_block(config, rows.labels, weights, args.eps, s, start + offset)
+
+
 def _zero(t: Any) -> bool:
     return t is None or isinstance(t, SymbolicZero)
 
 
 class _Want(NamedTuple):
-    """Which outputs pass B must produce (static)."""
+    """Which derivatives the gradient pass must produce (static)."""
 
     x: bool = False
     w: bool = False
@@ -164,190 +166,198 @@ class _Want(NamedTuple):
     eps: bool = False
 
 
+class _Outputs(NamedTuple):
+    """What a scan returns (None: not asked for). Per token ``[N, ...]`` first, then sums."""
+
+    loss: jax.Array | None = None  # each token's share of the loss
+    ce: jax.Array | None = None  # its cross-entropy (0 where it does not count)
+    lse: jax.Array | None = None  # its log-sum-exp
+    tangent: jax.Array | None = None  # the per-token tangent (forward mode, reduction "none")
+    dx: jax.Array | None = None
+    dq: jax.Array | None = None  # d/d(probability labels)
+    dw: jax.Array | None = None
+    db: jax.Array | None = None
+    dweights: jax.Array | None = None
+    deps: jax.Array | None = None
+
+
+_OUTPUT_ROLES = _Outputs("T", "T", "T", "T", "T.", "TV", ".V", "V", "V", "")
+_SUMS = ("dw", "db", "dweights", "deps")  # the scan's carry: sums over chunks
+
+
+class _Chunk(NamedTuple):
+    """One chunk of the per-token inputs."""
+
+    x: jax.Array
+    labels: jax.Array
+    counted: jax.Array
+    bad: jax.Array
+    a: jax.Array  # the row's weight of its cross-entropy in the reduction
+    b_scale: jax.Array  # the row's weight of its z-term
+    x_dot: jax.Array | None = None
+    q_dot: jax.Array | None = None
+
+
+class _Head(NamedTuple):
+    """What every pass body reads: the static config and schedule, the head, the tangents."""
+
+    config: Config
+    sched: _chunked.Schedule
+    args: HeadArgs
+    dots: HeadArgs | None
+    offset: Any  # global column of this shard's first class
+
+
+def _block(head: _Head, c: _Chunk, rows: Rows, start: Any, size: int, dot: bool = False):
+    """Block ``[start, start + size)``: its logits, target, local options and ``z``'s tangent."""
+    args, dots = head.args, head.dots
+    blk = _chunked.block_logits(head.config, c.x, args.w, args.b, start, size)
+    target = block_target(head.config, args, rows, blk.s, start, head.offset)
+    local = Arrays(lax.dynamic_slice_in_dim(args.weights, start, size), args.eps, args.z)
+    z_dot = None
+    if dot:
+        acc = blk.z.dtype
+        z_dot = jnp.zeros(blk.z.shape, acc)
+        if not _zero(dots.x):
+            z_dot = z_dot + jnp.dot(c.x_dot, blk.w, preferred_element_type=acc)
+        if not _zero(dots.w):
+            w_dot = lax.dynamic_slice_in_dim(dots.w, start, size, axis=1)
+            z_dot = z_dot + jnp.dot(c.x, w_dot, preferred_element_type=acc)
+        if not _zero(dots.b):
+            z_dot = z_dot + lax.dynamic_slice_in_dim(dots.b, start, size).astype(acc)[None, :]
+    return blk, target, local, z_dot
+
+
+def _stats_pass(head: _Head, c: _Chunk, rows: Rows, pin: jax.Array) -> _kernel.Stats:
+    """Pass A: the chunk's online-softmax statistics over every block (and vocab shard)."""
+
+    def fold(st: _kernel.Stats, start: Any, size: int) -> _kernel.Stats:
+        blk, target, _, _ = _block(head, c, rows, start, size)
+        return _kernel.merge(st, _kernel.block_stats(blk.s, target.t))
+
+    zeros = jnp.zeros(c.counted.shape, _chunked.accumulation_dtype(c.x, head.args.w))
+    init = _kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros)
+    st = _chunked.over_blocks(fold, init, head.args.w.shape[1], head.sched.block, pin)
+    return st if head.sched.vocab_axis is None else _merge_shards(st, head.sched.vocab_axis)
+
+
+def _grads_pass(
+    head: _Head, c: _Chunk, rows: Rows, st: _kernel.Stats, want: _Want, sums: dict, pin
+) -> tuple[dict, dict]:
+    """Pass B: each block's rows of G, into dx, dq (per token) and the sums dW, db, ..."""
+    config, x = head.config, c.x
+    acc = st.se.dtype
+
+    def fold(g: dict, start: Any, size: int) -> dict:
+        blk, target, local, _ = _block(head, c, rows, start, size)
+        grad = _kernel.grad_block(config, rows, local, blk.s, blk.ds, target, st, c.a, c.b_scale)
+        g, g_in = dict(g), grad.astype(x.dtype)
+        if want.x:
+            g["dx"] = g["dx"] + _chunked.matmul(g_in, blk.w.T, acc)
+        if want.w:
+            g["dw"] = _chunked.add_columns(g["dw"], _chunked.matmul(x.T, g_in, acc), start, 1)
+        if want.b:
+            g["db"] = _chunked.add_columns(g["db"], jnp.sum(grad, axis=0), start, 0)
+        if want.labels or want.weights or want.eps:
+            coef = _kernel.label_coefficients(config, rows, local, blk.s, target, st, c.a)
+            if want.labels:
+                g["dq"] = lax.dynamic_update_slice_in_dim(g["dq"], coef.labels, start, 1)
+            if want.weights:
+                g["dweights"] = _chunked.add_columns(
+                    g["dweights"], jnp.sum(coef.weights, axis=0), start, 0
+                )
+            if want.eps:
+                g["deps"] = g["deps"] + jnp.sum(coef.smoothing)
+        return g
+
+    per_token = {"dx": jnp.zeros(x.shape, acc) if want.x else None}
+    per_token["dq"] = jnp.zeros((x.shape[0], head.args.w.shape[1]), acc) if want.labels else None
+    g = _chunked.over_blocks(fold, per_token | sums, head.args.w.shape[1], head.sched.block, pin)
+    return {k: g[k] for k in sums}, {k: g[k] for k in per_token if g[k] is not None}
+
+
+def _tangent_pass(head: _Head, c: _Chunk, rows: Rows, st: _kernel.Stats, pin) -> jax.Array:
+    """The per-token tangent ``<G_i, z_dot_i>`` (+ label terms), block by block."""
+    config, dots = head.config, head.dots
+
+    def contract(c: _Chunk, st: _kernel.Stats, start: Any, size: int) -> jax.Array:
+        blk, target, local, z_dot = _block(head, c, rows, start, size, dot=True)
+        grad = _kernel.grad_block(config, rows, local, blk.s, blk.ds, target, st, c.a, c.b_scale)
+        out = jnp.sum(grad * z_dot, axis=1)
+        if _zero(dots.labels) and _zero(dots.weights) and _zero(dots.eps):
+            return out
+        coef = _kernel.label_coefficients(config, rows, local, blk.s, target, st, c.a)
+        if config.soft and not _zero(dots.labels):
+            q_dot_b = lax.dynamic_slice_in_dim(c.q_dot, start, size, axis=1)
+            out = out + jnp.sum(coef.labels * q_dot_b, axis=1)
+        if not _zero(dots.weights):
+            w_dot = lax.dynamic_slice_in_dim(dots.weights, start, size)
+            out = out + jnp.sum(coef.weights * w_dot[None, :], axis=1)
+        if not _zero(dots.eps):
+            out = out + jnp.sum(coef.smoothing, axis=1) * dots.eps
+        return out
+
+    def fold(t: jax.Array, start: Any, size: int) -> jax.Array:
+        # Checkpointed: reverse mode recomputes G_b instead of keeping an [N, L] residual.
+        return t + jax.checkpoint(contract, static_argnums=3)(c, st, start, size)
+
+    zeros = jnp.zeros(c.counted.shape, st.se.dtype)
+    return _chunked.over_blocks(fold, zeros, head.args.w.shape[1], head.sched.block, pin)
+
+
 def _scan(
     config: Config,
-    sched: _Schedule,
-    args: _Args,
+    sched: _chunked.Schedule,
+    want: _Want,
+    args: HeadArgs,
     a: jax.Array,
     b_scale: jax.Array,
-    want: _Want,
-    dots: _Args | None = None,
-) -> dict[str, jax.Array]:
+    dots: HeadArgs | None = None,
+) -> _Outputs:
     """Per-token losses and what ``want`` asks for, or (``dots``) the per-token tangent.
 
-    Runs on one device, or on one vocabulary shard inside ``shard_map`` (``sched.axis_name``):
-    then ``w``, ``b``, the class weights and probability labels are the local shard, and the
-    statistics of each chunk are merged across shards before pass B.
+    Runs on the tokens and vocabulary of one device: inside ``shard_map`` over a vocabulary
+    axis (``sched.vocab_axis``), ``w``, ``b``, the class weights and probability labels are
+    the local shard, each chunk's statistics are merged across shards before pass B, and the
+    partial sums over classes (``dx``, the tangent, ``deps``) are ``psum``-ed at the end.
     """
     x, w = args.x, args.w
-    if dots is not None:
-        dots = _dots_values(dots)
-        if not config.soft:
-            dots = dots._replace(labels=None)
-    num_tokens, dim = x.shape
-    local_classes = w.shape[1]
-    acc = accumulation_dtype(x, w)
-    arrays = Arrays(args.weights, args.eps, args.z)
-    chunk = sched.chunk
-    chunks = -(-num_tokens // chunk)
-    pad = chunks * chunk - num_tokens
-    block = min(sched.block, local_classes)
-    full_blocks, rest = divmod(local_classes, block)
+    acc = _chunked.accumulation_dtype(x, w)
     offset = 0
-    if sched.axis_name is not None:
-        offset = lax.axis_index(sched.axis_name) * local_classes
+    if sched.vocab_axis is not None:
+        offset = lax.axis_index(sched.vocab_axis) * w.shape[1]
+    head = _Head(config, sched, args, dots, offset)
+    q_dot = dots.labels if dots is not None and config.soft else None
+    x_dot = None if dots is None else dots.x
+    chunks = _Chunk(x, args.labels, args.counted, args.bad, a, b_scale, x_dot, q_dot)
+    shapes = {"dw": w.shape, "db": w.shape[1:], "dweights": w.shape[1:], "deps": ()}
+    sums = {k: jnp.zeros(shapes[k], acc) for k in _SUMS if getattr(want, k[1:])}
 
-    def split(v: jax.Array) -> jax.Array:
-        v = jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
-        return v.reshape((chunks, chunk, *v.shape[1:]))
-
-    per_token = {"x": x, "labels": args.labels, "counted": args.counted, "bad": args.bad}
-    per_token |= {"a": a, "b_scale": b_scale}
-    if dots is not None:
-        per_token |= {"x_dot": dots.x, "q_dot": dots.labels}
-    per_token = {k: split(v) for k, v in per_token.items() if v is not None}
-
-    def logits_block(c: dict, rows: Rows, start: Any, size: int, dot: bool = False) -> tuple:
-        """Block ``[start, start + size)`` (local columns): s, ds/dx, target, and z's tangent."""
-        w_b = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-        z = jnp.dot(c["x"], w_b, preferred_element_type=acc)
-        z = z + lax.dynamic_slice_in_dim(args.b, start, size).astype(acc)[None, :]
-        s, ds = _kernel.cap(config, z)
-        local = Arrays(lax.dynamic_slice_in_dim(args.weights, start, size), args.eps, args.z)
-        target = _target(rows, local, s, start, size)
-        z_dot = None
-        if dot:
-            z_dot = jnp.zeros(z.shape, acc)
-            if not _zero(dots.x):
-                z_dot = z_dot + jnp.dot(c["x_dot"], w_b, preferred_element_type=acc)
-            if not _zero(dots.w):
-                w_dot = lax.dynamic_slice_in_dim(dots.w, start, size, axis=1)
-                z_dot = z_dot + jnp.dot(c["x"], w_dot, preferred_element_type=acc)
-            if not _zero(dots.b):
-                z_dot = z_dot + lax.dynamic_slice_in_dim(dots.b, start, size).astype(acc)[None, :]
-        return w_b, s, ds, target, local, z_dot
-
-    def _target(rows: Rows, local: Arrays, s: jax.Array, start: Any, size: int) -> Any:
-        # Probability labels and class weights are sliced locally, class indices compared
-        # with global column numbers.
-        weights = local.weights if config.has_weights else None
-        if config.soft:
-            q = lax.dynamic_slice_in_dim(rows.labels, start, size, axis=1)
-            return _kernel.target_block(config, q, weights, args.eps, s, 0)
-        return _kernel.target_block(config, rows.labels, weights, args.eps, s, start + offset)
-
-    def body(carry: tuple, inputs: tuple) -> tuple:
-        c, pin = inputs
-
-        def over_blocks(step: Any, carry: Any) -> Any:
-            # `pin` is a zero that comes from the scanned inputs. Without it the block offsets
-            # look loop-invariant to JAX's partial evaluation, which (under jax.grad) hoists
-            # every block of W out of the token loop and stacks them: a copy of W or more.
-            go = lambda j, c: step(c, j * block + pin, block)  # noqa: E731
-            carry = lax.fori_loop(0, full_blocks, go, carry)
-            return step(carry, full_blocks * block + pin, rest) if rest else carry
-
-        rows = Rows(c["labels"], c["counted"], c["bad"])
-
-        def stats(st: _kernel.Stats, start: Any, size: int) -> _kernel.Stats:
-            _, s, _, target, _, _ = logits_block(c, rows, start, size)
-            return _kernel.merge(st, _kernel.block_stats(s, target.t))
-
-        zeros = jnp.zeros((chunk,), acc)
-        st = over_blocks(stats, _kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros))
-        if sched.axis_name is not None:
-            st = _merge_shards(st, sched.axis_name)
+    def body(sums: dict, c: _Chunk, pin: jax.Array) -> tuple[dict, dict]:
+        rows = Rows(c.labels, c.counted, c.bad)
+        st = _stats_pass(head, c, rows, pin)
         lse, ce, empty = _kernel.finish(st)
         rows = rows._replace(bad=rows.bad | (rows.counted & empty))
-        loss = _kernel.row_losses(config, rows, arrays, ce, lse, c["a"], c["b_scale"])
+        loss = _kernel.row_losses(config, rows, Arrays(*args[6:]), ce, lse, c.a, c.b_scale)
         out = {"loss": loss, "ce": jnp.where(rows.counted, ce, 0.0), "lse": lse}
         if dots is not None:
-            out["tangent"] = over_blocks(
-                lambda t, start, size: t + _tangent_block(c, rows, st, start, size),
-                jnp.zeros((chunk,), acc),
-            )
-            return carry, out
+            return sums, out | {"tangent": _tangent_pass(head, c, rows, st, pin)}
         if not any(want):
-            return carry, out
+            return sums, out
+        sums, per_token = _grads_pass(head, c, rows, st, want, sums, pin)
+        return sums, out | per_token
 
-        def grads(g: dict, start: Any, size: int) -> dict:
-            w_b, s, ds, target, local, _ = logits_block(c, rows, start, size)
-            grad = _kernel.grad_block(config, rows, local, s, ds, target, st, c["a"], c["b_scale"])
-            g = dict(g)
-            g_in = grad.astype(x.dtype)
-            if want.x:
-                g["dx"] = g["dx"] + _matmul(g_in, w_b.T, acc)
-            if want.w:
-                upd = lax.dynamic_slice_in_dim(g["dw"], start, size, axis=1)
-                upd = upd + _matmul(c["x"].T, g_in, acc)
-                g["dw"] = lax.dynamic_update_slice_in_dim(g["dw"], upd, start, axis=1)
-            if want.b:
-                upd = lax.dynamic_slice_in_dim(g["db"], start, size) + jnp.sum(grad, axis=0)
-                g["db"] = lax.dynamic_update_slice_in_dim(g["db"], upd, start, axis=0)
-            if want.labels or want.weights or want.eps:
-                coef = _kernel.label_coefficients(config, rows, local, s, target, st, c["a"])
-                if want.labels:
-                    g["dq"] = lax.dynamic_update_slice_in_dim(g["dq"], coef.labels, start, 1)
-                if want.weights:
-                    upd = lax.dynamic_slice_in_dim(g["dweights"], start, size)
-                    upd = upd + jnp.sum(coef.weights, axis=0)
-                    g["dweights"] = lax.dynamic_update_slice_in_dim(g["dweights"], upd, start, 0)
-                if want.eps:
-                    g["deps"] = g["deps"] + jnp.sum(coef.smoothing)
-            return g
-
-        init = {"dx": jnp.zeros((chunk, dim), acc) if want.x else None}
-        init |= {"dq": jnp.zeros((chunk, local_classes), acc) if want.labels else None}
-        init |= {k: v for k, v in carry.items()}
-        g = over_blocks(grads, init)
-        out |= {k: g[k] for k in ("dx", "dq") if g[k] is not None}
-        return {k: g[k] for k in carry}, out
-
-    def _tangent_block(c: dict, rows: Rows, st: Any, start: Any, size: int) -> Any:
-        # Checkpointed: reverse mode recomputes G_b instead of keeping an [N, L] residual.
-        def contract(x_c, x_dot_c, q_dot_c, st, start):
-            cc = dict(c, x=x_c, x_dot=x_dot_c, q_dot=q_dot_c)
-            _, s, ds, target, local, z_dot = logits_block(cc, rows, start, size, dot=True)
-            grad = _kernel.grad_block(config, rows, local, s, ds, target, st, c["a"], c["b_scale"])
-            out = jnp.sum(grad * z_dot, axis=1)
-            coef = None
-            if not (_zero(dots.labels) and _zero(dots.weights) and _zero(dots.eps)):
-                coef = _kernel.label_coefficients(config, rows, local, s, target, st, c["a"])
-            if config.soft and not _zero(dots.labels):
-                q_dot_b = lax.dynamic_slice_in_dim(q_dot_c, start, size, axis=1)
-                out = out + jnp.sum(coef.labels * q_dot_b, axis=1)
-            if not _zero(dots.weights):
-                w_dot = lax.dynamic_slice_in_dim(dots.weights, start, size)
-                out = out + jnp.sum(coef.weights * w_dot[None, :], axis=1)
-            if not _zero(dots.eps):
-                out = out + jnp.sum(coef.smoothing, axis=1) * dots.eps
-            return out
-
-        return jax.checkpoint(contract)(c["x"], c.get("x_dot"), c.get("q_dot"), st, start)
-
-    carry = {}
-    if want.w:
-        carry["dw"] = jnp.zeros((dim, local_classes), acc)
-    if want.b:
-        carry["db"] = jnp.zeros((local_classes,), acc)
-    if want.weights:
-        carry["dweights"] = jnp.zeros((local_classes,), acc)
-    if want.eps:
-        carry["deps"] = jnp.zeros((), acc)
-    carry, outs = lax.scan(body, carry, (per_token, jnp.zeros((chunks,), jnp.int32)))
-    result = {k: v.reshape(-1, *v.shape[2:])[:num_tokens] for k, v in outs.items()}
-    return result | carry
-
-
-def _matmul(a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
-    """``a @ b`` accumulated in ``acc``; bf16 operands go up to ``acc`` first on CPU.
-
-    XLA:CPU converts bf16 matmuls to float32 anyway, and its DotThunk cannot run some
-    bf16 x bf16 -> f32 products outside a loop ("Unsupported element type").
-    """
-    if a.dtype != acc and jax.default_backend() == "cpu":
-        a, b = a.astype(acc), b.astype(acc)
-    return jnp.dot(a, b, preferred_element_type=acc)
+    sums, per_token = _chunked.scan_tokens(body, sums, chunks, sched.chunk)
+    out = _Outputs(**per_token, **sums)
+    if sched.vocab_axis is not None:  # partial sums over this shard's classes
+        out = out._replace(
+            **{
+                k: lax.psum(getattr(out, k), sched.vocab_axis)
+                for k in ("tangent", "dx", "deps")
+                if getattr(out, k) is not None
+            }
+        )
+    return out
 
 
 def _merge_shards(stats: _kernel.Stats, axis_name: str) -> _kernel.Stats:
@@ -358,23 +368,22 @@ def _merge_shards(stats: _kernel.Stats, axis_name: str) -> _kernel.Stats:
 
 
 @functools.lru_cache(maxsize=64)
-def _loss_fn(config: Config, sched: _Schedule) -> Any:
+def _loss_fn(config: Config, sched: _chunked.Schedule) -> Any:
     """The loss for one static config and schedule, as a custom_jvp over the chunked scan."""
-    run = _runner(config, sched)
 
     @jax.custom_jvp
     def loss_fn(*args):
-        args = _Args(*args)
+        args = HeadArgs(*args)
         a, b_scale, _ = _kernel.row_scales(config, Rows(*args[3:6]), args.weights)
-        return _reduce(config, run(args, a, b_scale, _Want())["loss"])
+        return _reduce(config, _run(config, sched, _Want(), args, a, b_scale).loss)
 
     def loss_jvp(primals, tangents):
-        args, dots = _Args(*primals), _Args(*tangents)
+        args, dots = HeadArgs(*primals), HeadArgs(*tangents)
         rows = Rows(args.labels, args.counted, args.bad)
         a, b_scale, n = _kernel.row_scales(config, rows, args.weights)
         if config.reduction == "none":
-            out = run(args, a, b_scale, _Want(), dots)
-            tangent = out["tangent"]
+            out = _run(config, sched, _Want(), args, a, b_scale, dots)
+            tangent = out.tangent
         else:
             want = _Want(
                 *(not _zero(t) for t in (dots.x, dots.w, dots.b)),
@@ -382,32 +391,27 @@ def _loss_fn(config: Config, sched: _Schedule) -> Any:
                 not _zero(dots.weights),
                 not _zero(dots.eps),
             )
-            out = run(args, a, b_scale, want)
-            tangent = jnp.zeros((), out["loss"].dtype)
-            for key, dot in (
-                ("dx", dots.x),
-                ("dw", dots.w),
-                ("db", dots.b),
-                ("dq", dots.labels),
-                ("dweights", dots.weights),
-                ("deps", dots.eps),
-            ):
-                if key in out:
-                    tangent = tangent + jnp.sum(out[key] * dot.astype(out[key].dtype))
+            out = _run(config, sched, want, args, a, b_scale)
+            tangent = jnp.zeros((), out.loss.dtype)
+            grads = (out.dx, out.dw, out.db, out.dq, out.dweights, out.deps)
+            pairs = zip(grads, (*dots[:3], dots.labels, dots.weights, dots.eps), strict=True)
+            for grad, dot in pairs:
+                if grad is not None:
+                    tangent = tangent + jnp.sum(grad * dot.astype(grad.dtype))
             if want.weights:
                 d_w = _kernel.weights_denominator_grad(
-                    config, rows, jnp.sum(a * out["ce"]), _kernel.denominator(rows.counted, n)
+                    config, rows, jnp.sum(a * out.ce), _kernel.denominator(rows.counted, n)
                 )
                 if d_w is not None:
                     tangent = tangent + jnp.sum(d_w * dots.weights)
         if not _zero(dots.z):
-            lse = _kernel.safe_lse(rows, out["lse"])
+            lse = _kernel.safe_lse(rows, out.lse)
             z_term = jnp.where(rows.counted, b_scale * lse**2, 0.0) * dots.z
             tangent = tangent + (z_term if config.reduction == "none" else jnp.sum(z_term))
         tangent = jnp.where(
             args.bad if config.reduction == "none" else jnp.any(args.bad), jnp.nan, tangent
         )
-        return _reduce(config, out["loss"]), tangent.astype(out["loss"].dtype)
+        return _reduce(config, out.loss), tangent.astype(out.loss.dtype)
 
     loss_fn.defjvp(loss_jvp, symbolic_zeros=True)
     return jax.jit(loss_fn)  # one compiled program for eager calls, as in _loss._loss_fn
@@ -417,55 +421,39 @@ def _reduce(config: Config, per_token: jax.Array) -> jax.Array:
     return per_token if config.reduction == "none" else jnp.sum(per_token)
 
 
-def _runner(config: Config, sched: _Schedule) -> Any:
-    """``_scan`` on one device, or under ``shard_map`` over the vocabulary shards."""
-    if sched.axis_name is None:
-        return functools.partial(_scan, config, sched)
-    rep, cols, vec = (
-        PartitionSpec(),
-        PartitionSpec(None, sched.axis_name),
-        PartitionSpec(sched.axis_name),
+def _run(
+    config: Config,
+    sched: _chunked.Schedule,
+    want: _Want,
+    args: HeadArgs,
+    a: jax.Array,
+    b_scale: jax.Array,
+    dots: HeadArgs | None = None,
+) -> _Outputs:
+    """:func:`_scan` on each device's tokens (and vocabulary shard, for the vocab-parallel loss)."""
+    if dots is not None:
+        dots = HeadArgs(*(None if _zero(d) else d for d in dots))
+        dots = dots._replace(labels=dots.labels if config.soft else None)
+    roles = arg_roles(config.soft)
+    dot_roles = (
+        None
+        if dots is None
+        else HeadArgs(*(None if d is None else r for d, r in zip(dots, roles, strict=True)))
     )
-    label_spec = cols if config.soft else rep
-
-    def run(args: _Args, a: jax.Array, b_scale: jax.Array, want: _Want, dots: Any = None):
-        in_args = _Args(rep, cols, vec, label_spec, rep, rep, vec, rep, rep)
-        specs = {"loss": rep, "ce": rep, "lse": rep, "tangent": rep, "dx": rep, "dw": cols}
-        specs |= {"db": vec, "dq": cols, "dweights": vec, "deps": rep}
-
-        def local(args, a, b_scale, dots):
-            if dots is not None:
-                dots = _Args(**{k: dots.get(k) for k in _Args._fields})
-            out = _scan(config, sched, args, a, b_scale, want, dots)
-            for k in ("tangent", "dx", "deps"):
-                if k in out:
-                    out[k] = lax.psum(out[k], sched.axis_name)
-            return out
-
-        keys = _output_keys(config, want, dots is not None)
-        dots_values = None if dots is None else _dots_values(dots)._asdict()
-        dots_values = dots_values and {k: v for k, v in dots_values.items() if v is not None}
-        dots_spec = dots_values and {k: getattr(in_args, k) for k in dots_values}
-        mapped = jax.shard_map(
-            local,
-            mesh=sched.mesh,
-            in_specs=(in_args, rep, rep, dots_spec),
-            out_specs={k: specs[k] for k in keys},
-            check_vma=False,
-        )
-        return mapped(args, a, b_scale, dots_values)
-
-    return run
-
-
-def _output_keys(config: Config, want: _Want, tangent: bool) -> list[str]:
-    keys = ["loss", "ce", "lse"] + (["tangent"] if tangent else [])
     names = ("dx", "dw", "db", "dq", "dweights", "deps")
-    return keys + [k for k, on in zip(names, want, strict=True) if on]
-
-
-def _dots_values(dots: _Args) -> _Args:
-    return _Args(*(None if _zero(d) else d for d in dots))
+    present = {"loss", "ce", "lse"} | {k for k, on in zip(names, want, strict=True) if on}
+    if dots is not None:
+        present.add("tangent")
+    out_roles = _OUTPUT_ROLES._replace(**{k: None for k in _Outputs._fields if k not in present})
+    fn = functools.partial(_scan, config, sched, want)
+    operands = (args, a, b_scale, dots)
+    in_roles = (roles, "T", "T", dot_roles)
+    if sched.vocab_axis is not None:
+        return _tokens.shard_map_over(
+            fn, operands, in_roles, out_roles, sched.mesh, sched.token_axes, sched.vocab_axis
+        )
+    # The tangent map is transposed for reverse mode: no partitioning rule (not transposable).
+    return _tokens.over_tokens(fn, operands, in_roles, out_roles, transposable=dots is not None)
 
 
 def linear_cross_entropy(
@@ -551,29 +539,9 @@ def linear_cross_entropy(
     options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
     options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
     options |= {"logit_softcap": logit_softcap}
-    config, args = _prepare("linear_cross_entropy", x, w, labels, bias, where, options)
-    sched = schedule(args.x.shape[0], config.num_classes, chunk_size, vocab_block_size)
+    config, args = prepare("linear_cross_entropy", x, w, labels, bias, where, options)
+    sched = _chunked.schedule(args.x.shape[0], config.num_classes, chunk_size, vocab_block_size)
     return _loss_fn(config, sched)(*args)
-
-
-def schedule(
-    num_tokens: int,
-    num_classes: int,
-    chunk_size: int | None,
-    vocab_block_size: int | None,
-    axis_name: str | None = None,
-    mesh: Mesh | None = None,
-) -> _Schedule:
-    """The chunked schedule: the defaults for None, else positive ints (0 is not "default")."""
-    for name, v in (("chunk_size", chunk_size), ("vocab_block_size", vocab_block_size)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{name} must be a positive int or None, found {v!r}")
-    return _Schedule(
-        chunk=default_chunk_size(num_tokens, num_classes) if chunk_size is None else chunk_size,
-        block=_VOCAB_BLOCK if vocab_block_size is None else vocab_block_size,
-        axis_name=axis_name,
-        mesh=mesh,
-    )
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -606,11 +574,17 @@ def vocab_parallel_linear_cross_entropy(
     :math:`dx = \operatorname{psum}_k G_k W_k^\top`. Every option of
     :func:`linear_cross_entropy` works, and so do forward mode and second derivatives.
 
+    On a mesh with more axes (``("data", "vocab")``) the tokens are sharded over the others too:
+    over the Explicit axes that already shard ``x``, else over every other axis whose sizes
+    divide ``N`` (else replicated), so each device works on ``N/d_data x L/d_vocab``. Any mesh
+    works: ``jax.make_mesh`` (Explicit axes), ``Mesh(...)`` (Auto), inside ``jax.set_mesh``;
+    inputs not laid out as described are resharded, inputs already laid out are not moved.
+
     Args:
-        x: Hidden states ``[N, D]`` (replicated).
+        x: Hidden states ``[N, D]``, sharded over the token axes (or to be).
         w: ``[D, L]``, sharded (or to be sharded) as ``P(None, axis_name)``.
-        labels: Integer labels ``[N]`` (replicated) or probabilities ``[N, L]`` (sharded like
-            ``w``'s columns).
+        labels: Integer labels ``[N]`` (sharded like the tokens) or probabilities ``[N, L]``
+            (tokens and ``w``'s columns).
         mesh: The device mesh.
         axis_name: The mesh axis that shards the vocabulary.
         bias: Optional ``[L]``, sharded like ``w``'s columns.
@@ -637,7 +611,7 @@ def vocab_parallel_linear_cross_entropy(
     options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
     options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
     options |= {"logit_softcap": logit_softcap}
-    config, args = _prepare(
+    config, args = prepare(
         "vocab_parallel_linear_cross_entropy", x, w, labels, bias, where, options
     )
     if config.num_classes % shards:
@@ -645,7 +619,15 @@ def vocab_parallel_linear_cross_entropy(
             f"w has L = {config.num_classes} classes, which do not divide over the {shards} "
             f"devices of mesh axis {axis_name!r}"
         )
-    sched = schedule(
-        args.x.shape[0], config.num_classes // shards, chunk_size, vocab_block_size, axis_name, mesh
+    token_axes = _tokens.vocab_parallel_token_axes(args.x, mesh, axis_name)
+    num_tokens = args.x.shape[0] // math.prod(mesh.shape[a] for a in token_axes)
+    sched = _chunked.schedule(
+        num_tokens,
+        config.num_classes // shards,
+        chunk_size,
+        vocab_block_size,
+        vocab_axis=axis_name,
+        mesh=mesh,
+        token_axes=token_axes,
     )
     return _loss_fn(config, sched)(*args)

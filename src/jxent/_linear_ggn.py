@@ -28,19 +28,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jxent import _kernel, _linear
+from jxent import _chunked, _kernel, _linear, _tokens
 from jxent._kernel import Rows
 from jxent._loss import Reduction
 from jxent._options import Arrays, Config
 
 
-class _Present(NamedTuple):
-    """Which tangents were given (static): a missing one is zero and costs no matmul."""
+class _Tangents(NamedTuple):
+    """The tangents ``(x_dot, w_dot, b_dot)``; None is zero and costs no matmul."""
 
-    x: bool
-    w: bool
-    b: bool
-    bias: bool  # the head has a bias (so g_b is returned)
+    x: jax.Array | None
+    w: jax.Array | None
+    b: jax.Array | None
 
 
 def linear_cross_entropy_ggn_vector_product(
@@ -127,17 +126,14 @@ def linear_cross_entropy_ggn_vector_product(
     options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
     options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
     options |= {"logit_softcap": logit_softcap}
-    config, args = _linear._prepare(function, x, w, labels, bias, where, options)
+    config, args = _linear.prepare(function, x, w, labels, bias, where, options)
     dots = _check_tangents(tangents, args, bias is not None)
-    present = _Present(*(d is not None for d in dots), bias is not None)
-    sched = _linear.schedule(args.x.shape[0], config.num_classes, chunk_size, vocab_block_size)
-    zero = jnp.zeros((), args.x.dtype)  # stands in for a missing tangent (never used)
-    dots = tuple(zero if d is None else d for d in dots)
-    gx, gw, gb = _ggn_fn(config, sched, present)(args, dots)
-    return gx, gw, gb if present.bias else None
+    sched = _chunked.schedule(args.x.shape[0], config.num_classes, chunk_size, vocab_block_size)
+    gx, gw, gb = _ggn_fn(config, sched)(args, dots)
+    return gx, gw, gb if bias is not None else None
 
 
-def _check_tangents(tangents: Any, args: _linear._Args, has_bias: bool) -> tuple:
+def _check_tangents(tangents: Any, args: _linear.HeadArgs, has_bias: bool) -> _Tangents:
     if not (isinstance(tangents, (tuple, list)) and len(tangents) == 3):
         raise TypeError(
             "tangents must be a triple (x_dot, w_dot, b_dot) (None for a zero tangent), found "
@@ -157,126 +153,125 @@ def _check_tangents(tangents: Any, args: _linear._Args, has_bias: bool) -> tuple
         if dot.shape != primal.shape:
             raise ValueError(f"{name} must have shape {primal.shape}, found {dot.shape}")
         out.append(dot)
-    return tuple(out)
+    return _Tangents(*out)
 
 
 @functools.lru_cache(maxsize=64)
-def _ggn_fn(config: Config, sched: _linear._Schedule, present: _Present) -> Any:
-    def run(args: _linear._Args, dots: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _ggn_fn(config: Config, sched: _chunked.Schedule) -> Any:
+    def run(args: _linear.HeadArgs, dots: _Tangents) -> tuple[jax.Array, jax.Array, jax.Array]:
         rows = Rows(args.labels, args.counted, args.bad)
         a, b_scale, _ = _kernel.row_scales(config, rows, args.weights)
-        gx, gw, gb = _scan(config, sched, present, args, dots, a, b_scale)
-        gx = gx.astype(args.x.dtype)
-        return gx, gw.astype(args.w.dtype), gb.astype(args.b.dtype)
+        roles = _linear.arg_roles(config.soft)
+        dot_roles = _Tangents(
+            *(None if d is None else r for d, r in zip(dots, roles, strict=False))
+        )
+        gx, gw, gb = _tokens.over_tokens(
+            functools.partial(_scan, config, sched),
+            (args, dots, a, b_scale),
+            (roles, dot_roles, "T", "T"),
+            ("T.", ".V", "V"),
+        )
+        return gx.astype(args.x.dtype), gw.astype(args.w.dtype), gb.astype(args.b.dtype)
 
     return jax.jit(run)
 
 
+class _Chunk(NamedTuple):
+    """One chunk of the per-token inputs."""
+
+    x: jax.Array
+    labels: jax.Array
+    counted: jax.Array
+    bad: jax.Array
+    a: jax.Array
+    b_scale: jax.Array
+    x_dot: jax.Array | None
+
+
+def _block(
+    config: Config,
+    args: _linear.HeadArgs,
+    dots: _Tangents,
+    c: _Chunk,
+    rows: Rows,
+    start: Any,
+    size: int,
+) -> tuple:
+    """Block ``[start, start + size)``: its logits, target, local options and ``z``'s tangent."""
+    blk = _chunked.block_logits(config, c.x, args.w, args.b, start, size)
+    target = _linear.block_target(config, args, rows, blk.s, start)
+    local = Arrays(lax.dynamic_slice_in_dim(args.weights, start, size), args.eps, args.z)
+    acc = blk.z.dtype
+    z_dot = jnp.zeros(blk.z.shape, acc)
+    if dots.x is not None:
+        z_dot = z_dot + jnp.dot(c.x_dot, blk.w, preferred_element_type=acc)
+    if dots.w is not None:
+        w_dot_b = lax.dynamic_slice_in_dim(dots.w, start, size, axis=1)
+        z_dot = z_dot + jnp.dot(c.x, w_dot_b, preferred_element_type=acc)
+    if dots.b is not None:
+        z_dot = z_dot + lax.dynamic_slice_in_dim(dots.b, start, size).astype(acc)[None, :]
+    return blk, target, local, z_dot
+
+
 def _scan(
     config: Config,
-    sched: _linear._Schedule,
-    present: _Present,
-    args: _linear._Args,
-    dots: tuple,
+    sched: _chunked.Schedule,
+    args: _linear.HeadArgs,
+    dots: _Tangents,
     a: jax.Array,
     b_scale: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(g_x, g_W, g_b)`` of this device's tokens: two passes over the blocks per chunk."""
     x, w = args.x, args.w
-    x_dot, w_dot, b_dot = dots
-    num_tokens, dim = x.shape
-    num_classes = w.shape[1]
-    acc = _linear.accumulation_dtype(x, w)
-    chunk = sched.chunk
-    chunks = -(-num_tokens // chunk)
-    pad = chunks * chunk - num_tokens
-    block = min(sched.block, num_classes)
-    full_blocks, rest = divmod(num_classes, block)
+    dim, num_classes = w.shape
+    acc = _chunked.accumulation_dtype(x, w)
+    block = functools.partial(_block, config, args, dots)
 
-    def split(v: jax.Array) -> jax.Array:
-        v = jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
-        return v.reshape((chunks, chunk, *v.shape[1:]))
-
-    per_token = {"x": x, "labels": args.labels, "counted": args.counted, "bad": args.bad}
-    per_token |= {"a": a, "b_scale": b_scale}
-    if present.x:
-        per_token["x_dot"] = x_dot
-    per_token = {k: split(v) for k, v in per_token.items()}
-
-    def logits_block(c: dict, rows: Rows, start: Any, size: int) -> tuple:
-        """Block ``[start, start + size)``: W_b, s, ds/dx, target, local options and z's tangent."""
-        w_b = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-        z = jnp.dot(c["x"], w_b, preferred_element_type=acc)
-        z = z + lax.dynamic_slice_in_dim(args.b, start, size).astype(acc)[None, :]
-        s, ds = _kernel.cap(config, z)
-        local = Arrays(lax.dynamic_slice_in_dim(args.weights, start, size), args.eps, args.z)
-        weights = local.weights if config.has_weights else None
-        if config.soft:
-            q = lax.dynamic_slice_in_dim(rows.labels, start, size, axis=1)
-            target = _kernel.target_block(config, q, weights, args.eps, s, 0)
-        else:
-            target = _kernel.target_block(config, rows.labels, weights, args.eps, s, start)
-        z_dot = jnp.zeros(z.shape, acc)
-        if present.x:
-            z_dot = z_dot + jnp.dot(c["x_dot"], w_b, preferred_element_type=acc)
-        if present.w:
-            w_dot_b = lax.dynamic_slice_in_dim(w_dot, start, size, axis=1)
-            z_dot = z_dot + jnp.dot(c["x"], w_dot_b, preferred_element_type=acc)
-        if present.b:
-            z_dot = z_dot + lax.dynamic_slice_in_dim(b_dot, start, size).astype(acc)[None, :]
-        return w_b, s, ds, target, local, z_dot
-
-    def over_blocks(step: Any, carry: Any) -> Any:
-        if full_blocks == 1 and not rest:  # one block: no loop, so both passes share it
-            return step(carry, 0, block)
-        go = lambda j, c: step(c, j * block, block)  # noqa: E731
-        carry = lax.fori_loop(0, full_blocks, go, carry)
-        return step(carry, full_blocks * block, rest) if rest else carry
-
-    def body(carry: dict, c: dict) -> tuple[dict, jax.Array]:
-        rows = Rows(c["labels"], c["counted"], c["bad"])
+    def body(sums: dict, c: _Chunk, pin: jax.Array) -> tuple[dict, jax.Array]:
+        rows = Rows(c.labels, c.counted, c.bad)
 
         def pass_a(state: tuple, start: Any, size: int) -> tuple:
             st, tan = state
-            _, s, ds, target, _, z_dot = logits_block(c, rows, start, size)
-            new = _kernel.merge(st, _kernel.block_stats(s, target.t))
-            tan = _kernel.rebase_sum(tan, st.m, new.m) + _kernel.tangent_sum(s, ds, new.m, z_dot)
-            return new, tan
+            blk, target, _, z_dot = block(c, rows, start, size)
+            new = _kernel.merge(st, _kernel.block_stats(blk.s, target.t))
+            tan = _kernel.rebase_sum(tan, st.m, new.m)
+            return new, tan + _kernel.tangent_sum(blk.s, blk.ds, new.m, z_dot)
 
-        zeros = jnp.zeros((chunk,), acc)
-        st, tan = over_blocks(pass_a, (_kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros), zeros))
+        zeros = jnp.zeros(c.counted.shape, acc)
+        init = (_kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros), zeros)
+        st, tan = _chunked.over_blocks(pass_a, init, num_classes, sched.block, pin)
         empty = _kernel.finish(st)[2]
         rows = rows._replace(bad=rows.bad | (rows.counted & empty))
         p_dot = tan / jnp.where(rows.counted & ~empty, st.se, 1.0)
 
         def pass_b(g: dict, start: Any, size: int) -> dict:
-            w_b, s, ds, target, local, z_dot = logits_block(c, rows, start, size)
+            blk, target, local, z_dot = block(c, rows, start, size)
             u = _kernel.curvature_block(
                 config,
                 rows,
                 local,
-                s,
-                ds,
+                blk.s,
+                blk.ds,
                 target,
                 st,
-                c["a"],
-                c["b_scale"],
+                c.a,
+                c.b_scale,
                 z_dot,
                 p_dot,
                 ggn=True,
             )
             u_in = u.astype(x.dtype)
-            g = dict(g)
-            g["gx"] = g["gx"] + _linear._matmul(u_in, w_b.T, acc)
-            upd = lax.dynamic_slice_in_dim(g["gw"], start, size, axis=1)
-            upd = upd + _linear._matmul(c["x"].T, u_in, acc)
-            g["gw"] = lax.dynamic_update_slice_in_dim(g["gw"], upd, start, axis=1)
-            upd = lax.dynamic_slice_in_dim(g["gb"], start, size) + jnp.sum(u, axis=0)
-            g["gb"] = lax.dynamic_update_slice_in_dim(g["gb"], upd, start, axis=0)
-            return g
+            return {
+                "gx": g["gx"] + _chunked.matmul(u_in, blk.w.T, acc),
+                "gw": _chunked.add_columns(g["gw"], _chunked.matmul(c.x.T, u_in, acc), start, 1),
+                "gb": _chunked.add_columns(g["gb"], jnp.sum(u, axis=0), start, 0),
+            }
 
-        g = over_blocks(pass_b, {"gx": jnp.zeros((chunk, dim), acc), **carry})
+        init = {"gx": jnp.zeros(c.x.shape, acc), **sums}
+        g = _chunked.over_blocks(pass_b, init, num_classes, sched.block, pin)
         return {"gw": g["gw"], "gb": g["gb"]}, g["gx"]
 
-    init = {"gw": jnp.zeros((dim, num_classes), acc), "gb": jnp.zeros((num_classes,), acc)}
-    carry, gx = lax.scan(body, init, per_token)
-    return gx.reshape(-1, dim)[:num_tokens], carry["gw"], carry["gb"]
+    chunks = _Chunk(x, args.labels, args.counted, args.bad, a, b_scale, dots.x)
+    sums = {"gw": jnp.zeros((dim, num_classes), acc), "gb": jnp.zeros((num_classes,), acc)}
+    sums, gx = _chunked.scan_tokens(body, sums, chunks, sched.chunk)
+    return gx, sums["gw"], sums["gb"]

@@ -16,10 +16,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
-from jxent import _linear, _options, _validate
+from jxent import _chunked, _linear, _options, _tokens, _validate
 
 NEG_INF = -jnp.inf
 
@@ -49,7 +48,8 @@ def sample_labels(
     loss with the same ``where`` does not count. An example with a NaN score (in a class that is
     not masked) has no distribution and gets label -1, which the loss refuses (eagerly) or turns
     into NaN (under ``jit``). Drawn with ``jax.random.categorical`` (the Gumbel-max trick) in
-    float32 or wider.
+    float32 or wider, with ``mode="high"`` noise so that classes far below the top are drawn in
+    proportion (see ``_gumbel``).
 
     Args:
         key: PRNG key.
@@ -89,7 +89,7 @@ def _sample_rows(key, x, class_mask, logit_softcap):
     s = _capped(x, logit_softcap)
     if class_mask is not None:
         s = jnp.where(class_mask, s, NEG_INF)
-    labels = jax.random.categorical(key, s, axis=-1).astype(jnp.int32)
+    labels = jax.random.categorical(key, s, axis=-1, mode="high").astype(jnp.int32)
     return jnp.where(jnp.any(jnp.isnan(s), axis=-1), -1, labels)  # no distribution: no label
 
 
@@ -136,56 +136,72 @@ def linear_sample_labels(
         ((3,), dtype('int32'))
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
-    num_tokens, num_classes = _linear._check_shapes(x, w, bias)
+    num_tokens, num_classes = _linear.check_shapes(x, w, bias)
     _options.check_softcap(logit_softcap)
     b = jnp.zeros((num_classes,), w.dtype) if bias is None else jnp.asarray(bias)
-    sched = _linear.schedule(num_tokens, num_classes, chunk_size, vocab_block_size)
-    return _linear_sampler(sched, None if logit_softcap is None else float(logit_softcap))(
-        key, x, w, b
-    )
+    sched = _chunked.schedule(num_tokens, num_classes, chunk_size, vocab_block_size)
+    cap = None if logit_softcap is None else float(logit_softcap)
+    impl = str(jax.random.key_impl(key))
+    return _linear_sampler(sched, cap, impl)(jax.random.key_data(key), x, w, b)
 
 
 @functools.lru_cache(maxsize=64)
-def _linear_sampler(sched: _linear._Schedule, logit_softcap: float | None) -> Any:
-    def run(key: jax.Array, x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-        num_tokens = x.shape[0]
-        num_classes = w.shape[1]
-        acc = _linear.accumulation_dtype(x, w)
-        chunk = sched.chunk
-        chunks = -(-num_tokens // chunk)
-        xs = jnp.pad(x, [(0, chunks * chunk - num_tokens), (0, 0)])
-        xs = xs.reshape(chunks, chunk, x.shape[1])  # explicit: -1 fails for no tokens
-        block = min(sched.block, num_classes)
-        full_blocks, rest = divmod(num_classes, block)
-
-        def body(_: None, inputs: tuple) -> tuple[None, jax.Array]:
-            x_c, index = inputs
-            chunk_key = jax.random.fold_in(key, index)
-
-            def step(best: tuple, start: Any, size: int) -> tuple:
-                w_b = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-                z = jnp.dot(x_c, w_b, preferred_element_type=acc)
-                z = z + lax.dynamic_slice_in_dim(b, start, size).astype(acc)[None, :]
-                noise = jax.random.gumbel(jax.random.fold_in(chunk_key, start), z.shape, acc)
-                score = _capped(z, logit_softcap) + noise
-                value = jnp.max(score, axis=1)
-                where = (jnp.argmax(score, axis=1) + start).astype(jnp.int32)  # int32 under x64
-                better = value > best[0]
-                nan = best[2] | jnp.any(jnp.isnan(score), axis=1)
-                return jnp.where(better, value, best[0]), jnp.where(better, where, best[1]), nan
-
-            best = (
-                jnp.full((chunk,), NEG_INF, acc),
-                jnp.zeros((chunk,), jnp.int32),
-                jnp.zeros((chunk,), bool),
-            )
-            go = lambda j, c: step(c, j * block, block)  # noqa: E731
-            best = lax.fori_loop(0, full_blocks, go, best)
-            if rest:
-                best = step(best, full_blocks * block, rest)
-            return None, jnp.where(best[2], -1, best[1])
-
-        _, labels = lax.scan(body, None, (xs, jnp.arange(chunks)))
-        return labels.reshape(-1)[:num_tokens]
+def _linear_sampler(sched: _chunked.Schedule, logit_softcap: float | None, impl: str) -> Any:
+    def run(key_data: jax.Array, x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+        tokens = jnp.arange(x.shape[0], dtype=jnp.int32)  # sharded like x: global positions
+        scan = functools.partial(_draw, sched, logit_softcap, impl)
+        roles = ("." * key_data.ndim, "T.", ".V", "V", "T")
+        return _tokens.over_tokens(scan, (key_data, x, w, b, tokens), roles, "T")
 
     return jax.jit(run)
+
+
+def _draw(
+    sched: _chunked.Schedule,
+    logit_softcap: float | None,
+    impl: str,
+    key_data: jax.Array,
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array,
+    tokens: jax.Array,
+) -> jax.Array:
+    """The Gumbel-max draw of this device's tokens, block by block (a running best)."""
+    key = jax.random.wrap_key_data(key_data, impl=impl)
+    acc = _chunked.accumulation_dtype(x, w)
+
+    def body(_: None, c: tuple, pin: jax.Array) -> tuple[None, jax.Array]:
+        x_c, token = c
+        # One key per token (its global position): the draw does not depend on the chunking
+        # or on how the tokens are sharded.
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, token)
+
+        def step(best: tuple, start: Any, size: int) -> tuple:
+            z = _chunked.block_logits(None, x_c, w, b, start, size).z
+            noise = jax.vmap(lambda k: _gumbel(jax.random.fold_in(k, start), size, acc))(keys)
+            score = _capped(z, logit_softcap) + noise
+            value = jnp.max(score, axis=1)
+            where = (jnp.argmax(score, axis=1) + start).astype(jnp.int32)  # int32 under x64
+            better = value > best[0]
+            nan = best[2] | jnp.any(jnp.isnan(score), axis=1)
+            return jnp.where(better, value, best[0]), jnp.where(better, where, best[1]), nan
+
+        rows = x_c.shape[0]
+        best = (jnp.full((rows,), NEG_INF, acc), jnp.zeros((rows,), jnp.int32))
+        best = _chunked.over_blocks(
+            step, (*best, jnp.zeros((rows,), bool)), w.shape[1], sched.block, pin
+        )
+        return None, jnp.where(best[2], -1, best[1])
+
+    return _chunked.scan_tokens(body, None, (x, tokens), sched.chunk)[1]
+
+
+def _gumbel(key: jax.Array, size: int, dtype: Any) -> jax.Array:
+    r"""Standard Gumbel noise whose tail reaches the classes far below the top.
+
+    The default (``mode="low"``) noise :math:`-\log(-\log u)` of a float32 uniform ``u`` stops
+    near 16 (``u`` comes no closer to 0 than ``2^-23``), so a class about 15 nats below the top
+    is drawn too rarely -- and a large vocabulary puts real mass there (65,535 classes at -15
+    hold 2 %). ``mode="high"`` builds ``u`` from two uniforms (about ``2^-46``: noise to ~32).
+    """
+    return jax.random.gumbel(key, (size,), dtype, mode="high")

@@ -1,0 +1,185 @@
+r"""The one chunk schedule of the linear head: tokens in chunks, the vocabulary in blocks.
+
+Every computation of the head :math:`z = xW + b` that never forms the ``[N, L]`` logits -- the
+loss and its derivative (``_linear``), its Gauss-Newton product (``_linear_ggn``) and label
+sampling (``_sampling``), on one device or one vocabulary shard -- is the same loop: a
+``lax.scan`` over chunks of tokens and, inside a chunk, one or more passes over blocks of the
+vocabulary. This module owns that loop (:func:`scan_tokens`, :func:`over_blocks`) and the
+block's logits (:func:`block_logits`); each caller gives only its pass bodies. Spreading the
+tokens over devices is ``_tokens``' job, around the whole loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+
+from jxent import _kernel
+from jxent._options import Config
+
+# A [chunk, vocab_block] float32 buffer is kept near this many elements (16 MiB).
+_CHUNK_ELEMENTS = 2**22
+_VOCAB_BLOCK = 2048
+_MAX_CHUNK = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The loop's static shape.
+
+    Attributes:
+        chunk: Tokens per scan step.
+        block: Classes per vocabulary block (the last block may be smaller).
+        vocab_axis: The mesh axis that shards the vocabulary (vocab-parallel), or None.
+        mesh: The mesh of ``vocab_axis``, or None.
+        token_axes: With ``vocab_axis``: the mesh axes that shard the tokens (``()``: none).
+    """
+
+    chunk: int
+    block: int
+    vocab_axis: str | None = None
+    mesh: Mesh | None = None
+    token_axes: tuple[str, ...] = ()
+
+
+def default_chunk_size(num_tokens: int, num_classes: int) -> int:
+    """Tokens per chunk: ``chunk * min(L, vocab block)`` near 4M elements, at most 4096.
+
+    Each chunk updates the whole dW once, so larger chunks mean fewer passes over it; the
+    chunk's ``[chunk, block]`` logits stay 16 MiB (2048 tokens for blocks of 2048 classes).
+    At most ``N`` rounded up to a multiple of 8 (8 when there are no tokens).
+    """
+    chunk = 8
+    while chunk < _MAX_CHUNK and 2 * chunk * min(num_classes, _VOCAB_BLOCK) <= _CHUNK_ELEMENTS:
+        chunk *= 2
+    return min(chunk, max(8, -(-num_tokens // 8) * 8))  # 8 for no tokens: an empty scan
+
+
+def schedule(
+    num_tokens: int,
+    num_classes: int,
+    chunk_size: int | None,
+    vocab_block_size: int | None,
+    **sharding: Any,
+) -> Schedule:
+    """The schedule for these sizes: the defaults for None, else positive ints (0 is no default).
+
+    ``num_tokens`` and ``num_classes`` are what one device scans (its shard's share).
+    ``sharding``: the vocab-parallel fields of :class:`Schedule`.
+    """
+    for name, v in (("chunk_size", chunk_size), ("vocab_block_size", vocab_block_size)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name} must be a positive int or None, found {v!r}")
+    return Schedule(
+        chunk=default_chunk_size(num_tokens, num_classes) if chunk_size is None else chunk_size,
+        block=_VOCAB_BLOCK if vocab_block_size is None else vocab_block_size,
+        **sharding,
+    )
+
+
+def accumulation_dtype(x: jax.Array, w: jax.Array) -> Any:
+    """float32 for bf16/fp16/fp32 inputs, float64 for float64 ones."""
+    return jnp.promote_types(jnp.promote_types(x.dtype, w.dtype), jnp.float32)
+
+
+def scan_tokens(
+    body: Callable[[Any, Any, jax.Array], tuple[Any, Any]],
+    carry: Any,
+    per_token: Any,
+    chunk: int,
+) -> tuple[Any, Any]:
+    """``lax.scan`` of ``body(carry, chunk_inputs, pin) -> (carry, chunk_outputs)`` over chunks.
+
+    ``per_token`` is a pytree of arrays with the tokens along axis 0 (``None`` leaves allowed);
+    each step sees ``chunk`` of them (the last chunk zero-padded: bodies mask padded tokens
+    through their ``counted`` rows). ``pin`` is an int32 zero that comes from the scanned
+    inputs: add it to block offsets (:func:`over_blocks` does), or JAX's partial evaluation
+    sees them as loop-invariant and, under ``jax.grad``, hoists every block of ``W`` out of the
+    token loop and stacks them -- a copy of ``W`` or more. Outputs come back ``[N, ...]``.
+    ``chunk`` is capped at ``N`` rounded up to 8 (a device's share of sharded tokens).
+    """
+    num_tokens = jax.tree.leaves(per_token)[0].shape[0]
+    # This device's tokens may be fewer than the schedule was made for (tokens sharded).
+    chunk = min(chunk, max(8, -(-num_tokens // 8) * 8))
+    chunks = -(-num_tokens // chunk)
+    pad = chunks * chunk - num_tokens
+
+    def split(v: jax.Array) -> jax.Array:
+        v = jnp.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1))
+        return v.reshape((chunks, chunk, *v.shape[1:]))  # explicit: -1 fails for no tokens
+
+    def step(carry: Any, inputs: tuple) -> tuple[Any, Any]:
+        c, pin = inputs
+        return body(carry, c, pin)
+
+    xs = (jax.tree.map(split, per_token), jnp.zeros((chunks,), jnp.int32))
+    carry, outs = lax.scan(step, carry, xs)
+    return carry, jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:])[:num_tokens], outs)
+
+
+def over_blocks(
+    step: Callable[[Any, Any, int], Any], carry: Any, num_classes: int, block: int, pin: Any
+) -> Any:
+    """Folds ``step(carry, start, size)`` over the blocks of ``num_classes`` columns.
+
+    Full blocks run in a ``fori_loop``, the ragged last one after it; a vocabulary of one block
+    runs without a loop, so that two passes over it share its logits (XLA sees both).
+    """
+    block = min(block, num_classes)
+    full, rest = divmod(num_classes, block)
+    if full == 1 and not rest:
+        return step(carry, pin, block)
+    carry = lax.fori_loop(0, full, lambda j, c: step(c, j * block + pin, block), carry)
+    return step(carry, full * block + pin, rest) if rest else carry
+
+
+class Block(NamedTuple):
+    """One vocabulary block of one chunk: columns ``[start, start + size)`` of the shard.
+
+    Attributes:
+        w: ``W[:, start:start + size]``.
+        z: The block's logits ``x W_b + b_b`` ``[chunk, size]`` in the accumulation dtype.
+        s: Its scores: ``z`` soft-capped (``_kernel.cap``).
+        ds: ``ds/dz``, or None without a cap.
+    """
+
+    w: jax.Array
+    z: jax.Array
+    s: jax.Array
+    ds: jax.Array | None
+
+
+def block_logits(
+    config: Config | None, x: jax.Array, w: jax.Array, b: jax.Array, start: Any, size: int
+) -> Block:
+    """The block's logits and scores (``config`` None: no cap, as for a bare sampler)."""
+    acc = accumulation_dtype(x, w)
+    w_b = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+    z = jnp.dot(x, w_b, preferred_element_type=acc)
+    z = z + lax.dynamic_slice_in_dim(b, start, size).astype(acc)[None, :]
+    s, ds = (z, None) if config is None else _kernel.cap(config, z)
+    return Block(w_b, z, s, ds)
+
+
+def matmul(a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
+    """``a @ b`` accumulated in ``acc``; bf16 operands go up to ``acc`` first on CPU.
+
+    XLA:CPU converts bf16 matmuls to float32 anyway, and its DotThunk cannot run some
+    bf16 x bf16 -> f32 products outside a loop ("Unsupported element type").
+    """
+    if a.dtype != acc and jax.default_backend() == "cpu":
+        a, b = a.astype(acc), b.astype(acc)
+    return jnp.dot(a, b, preferred_element_type=acc)
+
+
+def add_columns(total: jax.Array, update: jax.Array, start: Any, axis: int) -> jax.Array:
+    """``total[..., start:start + size] += update`` along ``axis`` (a block's share of dW)."""
+    size = update.shape[axis]
+    current = lax.dynamic_slice_in_dim(total, start, size, axis=axis)
+    return lax.dynamic_update_slice_in_dim(total, current + update, start, axis=axis)
