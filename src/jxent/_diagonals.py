@@ -19,7 +19,7 @@ from jax.typing import ArrayLike
 
 from jxent import _options, _validate
 from jxent._curvature import ggn_vector_product, hessian_vector_product
-from jxent._loss import _prepare, counted_rows, ggn_factor, logits_grad
+from jxent._loss import counted_rows, ggn_factor, logits_grad, prepare
 from jxent._sampling import sample_labels
 from jxent._vjp import Predictor, PyTree, _named, logits_only
 
@@ -91,7 +91,7 @@ def gnb_diagonal(predictor: Predictor, **options: Any) -> GNBFn:
         labels = sample_labels(key, lax.stop_gradient(logits), **opts)
         (grads,) = pullback(logits_grad(logits, labels, **opts))
         # B: the examples the mean averages over, counted as the loss counts them.
-        counted = counted_rows(_prepare("gnb_diagonal", logits, labels, **opts))
+        counted = counted_rows(prepare("gnb_diagonal", logits, labels, **opts))
         count = jnp.sum(counted).astype(jnp.promote_types(logits.dtype, jnp.float32))
         return jax.tree.map(lambda g: (count * g * g).astype(g.dtype), grads)
 

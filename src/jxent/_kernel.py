@@ -79,15 +79,17 @@ def integer_rows(config: Config, labels: jax.Array, where: jax.Array) -> Rows:
     wide = labels.astype(jnp.int32) if jnp.iinfo(labels.dtype).bits < 32 else labels
     in_range = (wide >= 0) & (wide < config.num_classes)
     bad = counted & ~in_range
-    flat = jnp.ravel(bad)
-    if flat.size:  # an empty batch has no label to check (and argmax has nothing to reduce)
-        first = jnp.argmax(flat)
+    if bad.size:  # an empty batch has no label to check
+        # Reductions, not indexing: a dynamic index into labels sharded over a mesh's
+        # Explicit axes is refused by JAX, and this runs for every integer-label loss.
+        position = jnp.arange(bad.size, dtype=jnp.int32).reshape(bad.shape)
+        first = jnp.min(jnp.where(bad, position, bad.size))
         checkify.debug_check(
-            ~jnp.any(flat),
+            ~jnp.any(bad),
             "label out of range: flat position {pos} has label {value}, expected 0.."
             + str(config.num_classes - 1),
             pos=first,
-            value=jnp.ravel(wide)[first],
+            value=jnp.sum(jnp.where(position == first, wide, 0)),
         )
     clipped = jnp.where(in_range, wide, 0).astype(jnp.int32)
     return Rows(clipped, counted, bad)
@@ -96,8 +98,37 @@ def integer_rows(config: Config, labels: jax.Array, where: jax.Array) -> Rows:
 def mean_normaliser(config: Config, rows: Rows, weights: jax.Array) -> jax.Array:
     """:math:`n_i`: the target class's weight for integer labels with class weights, else 1."""
     if config.has_weights and not config.soft:
-        return jnp.take(weights, rows.labels)
+        return per_row_lookup(weights, rows.labels)
     return jnp.ones(rows.counted.shape, weights.dtype)
+
+
+def _explicit_sharding(a: jax.Array) -> Any:
+    """``a``'s sharding when it is sharded over Explicit mesh axes (sharding in types), else None."""
+    sharding = jax.typeof(a).sharding
+    explicit = not sharding.mesh.empty and any(s is not None for s in sharding.spec)
+    return sharding if explicit else None
+
+
+def per_row_lookup(table: jax.Array, labels: jax.Array) -> jax.Array:
+    """``table[labels]``: a class's value per row, sharded like the rows.
+
+    With rows over Explicit mesh axes JAX asks where a gather's output lives; it lives with
+    the rows (``table`` is small and replicated).
+    """
+    sharding = _explicit_sharding(labels)
+    if sharding is None:
+        return jnp.take(table, labels)
+    return table.at[labels].get(out_sharding=sharding)
+
+
+def per_class_count(values: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+    """``sum_i values_i [labels_i = l]`` for each class ``l`` (replicated ``[L]``)."""
+    counts = jnp.zeros((num_classes,), values.dtype)
+    sharding = _explicit_sharding(labels)
+    if sharding is None:
+        return counts.at[labels].add(values)
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return counts.at[labels].add(values, out_sharding=replicated)
 
 
 def denominator(counted: jax.Array, normaliser: jax.Array) -> jax.Array:
@@ -414,6 +445,5 @@ def weights_denominator_grad(
     """
     if not (config.reduction == "mean" and config.has_weights and not config.soft):
         return None
-    counts = jnp.zeros((config.num_classes,), mean_ce.dtype)
-    counts = counts.at[rows.labels].add(rows.counted.astype(mean_ce.dtype))
+    counts = per_class_count(rows.counted.astype(mean_ce.dtype), rows.labels, config.num_classes)
     return -(mean_ce / normaliser_sum) * counts

@@ -32,7 +32,7 @@ class _Problem(NamedTuple):
     args: tuple  # the custom_jvp's arguments, see _loss_fn
 
 
-def _prepare(
+def prepare(
     function: str,
     logits: ArrayLike,
     labels: ArrayLike,
@@ -90,6 +90,19 @@ def counted_rows(problem: _Problem) -> jax.Array:
     if class_mask is not None:
         counted = counted & jnp.any(class_mask, axis=-1)
     return counted
+
+
+def mean_denominators(problem: _Problem) -> tuple[jax.Array, jax.Array]:
+    r"""The ``"mean"`` reduction's two denominators: :math:`\sum_i m_i n_i` and :math:`\sum_i m_i`.
+
+    The cross-entropy's (counted examples, weighted by their target class's weight with class
+    weights and integer labels) and the z-term's (counted examples), as :func:`_kernel.row_scales`
+    forms them: what a sum over micro-batches must be divided by to equal the batch's mean.
+    """
+    config, (_, labels, _, bad) = problem.config, problem.args[:4]
+    rows = Rows(labels, counted_rows(problem), bad)
+    n = _kernel.mean_normaliser(config, rows, problem.args[5])
+    return _kernel.denominator(rows.counted, n), _kernel.denominator(rows.counted, n * 0 + 1)
 
 
 class _Forward(NamedTuple):
@@ -386,7 +399,7 @@ def loss_and_logits_grad(
         ``softmax_cross_entropy_with_integer_labels``; Chowdhery et al. 2022 (PaLM, z-loss);
         Gemma 2 (logit soft-capping).
     """
-    problem = _prepare(
+    problem = prepare(
         "loss_and_logits_grad",
         logits,
         labels,
@@ -435,7 +448,7 @@ def softmax_cross_entropy(
         >>> print(f"{jxent.softmax_cross_entropy(jnp.array([[2.0, 0.0]]), jnp.array([0])):.4f}")
         0.1269
     """
-    problem = _prepare(
+    problem = prepare(
         "softmax_cross_entropy", logits, labels, axis=axis, reduction=reduction, **options
     )
     return _batch_shaped(problem, _loss_fn(problem.config)(*problem.args))
@@ -476,7 +489,7 @@ def logits_grad(
         >>> print(jxent.logits_grad(jnp.array([[0.0, 0.0]]), jnp.array([0])))
         [[-0.5  0.5]]
     """
-    problem = _prepare("logits_grad", logits, labels, axis=axis, reduction=reduction, **options)
+    problem = prepare("logits_grad", logits, labels, axis=axis, reduction=reduction, **options)
     grad = _loss_and_grad_fn(problem.config)(*problem.args)[1]
     return problem.layout.from_rows(grad).astype(jnp.asarray(logits).dtype)
 
@@ -556,7 +569,7 @@ def logits_hvp(
     """
     if curvature not in ("hessian", "ggn"):
         raise ValueError(f"curvature must be 'hessian' or 'ggn', found {curvature!r}")
-    problem = _prepare("logits_hvp", logits, labels, axis=axis, reduction=reduction, **options)
+    problem = prepare("logits_hvp", logits, labels, axis=axis, reduction=reduction, **options)
     v = jnp.asarray(tangents)
     if not jnp.issubdtype(v.dtype, jnp.floating):
         raise TypeError(f"tangents must have a floating dtype, found {v.dtype}")
@@ -587,7 +600,7 @@ def ggn_factor(
     scaled by the cap's :math:`s'`. Needs :math:`aT \ge 0` (non-negative targets and class
     weights; otherwise NaN). Zero for rows that do not count, NaN for bad rows.
     """
-    problem = _prepare("ggn_diagonal", logits, labels, axis=axis, reduction=reduction, **options)
+    problem = prepare("ggn_diagonal", logits, labels, axis=axis, reduction=reduction, **options)
     return _factor_fn(problem.config)(*problem.args), problem.layout
 
 

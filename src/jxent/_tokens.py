@@ -165,14 +165,14 @@ def _rule(plain: Callable[..., list], in_roles: tuple, out_roles: tuple) -> Call
         # Uneven shards would hand padding rows to the function: those stay replicated.
         return axes if arg_shapes[first].shape[0] % shards == 0 else ()
 
-    def shardings(mesh: Any, roles: tuple, axes: tuple) -> tuple:
-        return tuple(NamedSharding(mesh, spec(r, axes, None)) for r in roles)
+    def shardings(mesh: Any, roles: tuple, axes: tuple) -> list:
+        return [NamedSharding(mesh, spec(r, axes, None)) for r in roles]
 
     @custom_partitioning
     def cp(*flat: jax.Array) -> list[jax.Array]:
         return plain(*flat)
 
-    def infer(mesh: Any, arg_shapes: Any, result_shape: Any) -> tuple:
+    def infer(mesh: Any, arg_shapes: Any, result_shape: Any) -> list:
         return shardings(mesh, out_roles, tokens_of(mesh, arg_shapes))
 
     def partition(mesh: Any, arg_shapes: Any, result_shape: Any) -> tuple:
@@ -181,7 +181,8 @@ def _rule(plain: Callable[..., list], in_roles: tuple, out_roles: tuple) -> Call
         def lower(*flat: jax.Array) -> list[jax.Array]:
             return _reduce_over_tokens(plain(*flat), list(out_roles), axes)
 
-        return mesh, lower, shardings(mesh, out_roles, axes), shardings(mesh, in_roles, axes)
+        arg_shardings = tuple(shardings(mesh, in_roles, axes))
+        return mesh, lower, shardings(mesh, out_roles, axes), arg_shardings
 
     cp.def_partition(
         infer_sharding_from_operands=infer,
@@ -213,7 +214,7 @@ def _sharding_rule(in_roles: tuple, out_roles: tuple) -> str:
 
     def factors(role: str) -> str:
         if not role:
-            return "()"
+            return ""  # a scalar
         return " ".join("n" if c == "T" else f"f{next(count)}" for c in role)
 
     ins = ", ".join(factors(r) for r in in_roles)

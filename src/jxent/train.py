@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jxent._loss import _prepare, counted_rows, softmax_cross_entropy
+from jxent import _microbatch
+from jxent._loss import counted_rows, prepare, softmax_cross_entropy
 from jxent._options import STRUCTURAL_OPTIONS, check_option_names, split_static
 from jxent._vjp import Predictor, logits_only, loss_grads_and_logits
 
@@ -128,7 +129,7 @@ def accuracy(
         ``(accuracy, count)``: the fraction of counted examples predicted right (0 when none
         counts) and how many counted, both float32 scalars.
     """
-    problem = _prepare("accuracy", logits, labels, **loss_options)
+    problem = prepare("accuracy", logits, labels, **loss_options)
     scores, labels_rows, _, _, class_mask = problem.args[:5]
     counted = counted_rows(problem)
     if class_mask is not None:
@@ -159,6 +160,7 @@ def make_step(
     has_aux: bool = False,
     mesh: Mesh | None = None,
     compute_dtype: Any = None,
+    microbatches: int = 1,
     **loss_options: Any,
 ) -> StepFn:
     """A jitted training step that uses the hand-derived gradient.
@@ -178,10 +180,21 @@ def make_step(
         predictor: ``predictor(params, x) -> logits``, or the stateful form above.
         optimizer: An optax gradient transformation.
         has_aux: Whether the predictor is the stateful form.
-        mesh: Optional mesh with a ``"data"`` axis (see :func:`data_mesh`): the batch is
-            sharded along it, the state replicated. The batch size must divide evenly.
+        mesh: Optional mesh with a ``"data"`` axis (:func:`data_mesh`, ``jax.make_mesh``,
+            ``Mesh``; other axes replicate): the batch is sharded along it, the state
+            replicated. The batch size must divide evenly.
         compute_dtype: Run the predictor in this dtype (e.g. ``jnp.bfloat16``) with float32
             master parameters; ``None`` computes in the parameters' dtype.
+        microbatches: Split each batch into this many micro-batches, run one after the other
+            (a ``lax.scan``: the memory of one micro-batch), and make one update from their
+            summed gradients -- equal to the whole batch's update for every reduction and
+            option: the mean divides by the whole batch's counted examples (class weights'
+            total, z-term count), not by each micro-batch's (see ``_microbatch``). With
+            ``has_aux``, the model state passes through the micro-batches in order and
+            micro-batch ``j`` gets the key ``fold_in(step_key, j)``. Unlike
+            ``optax.MultiSteps``, which averages the updates of ``k`` calls (each its own
+            mean, so a micro-batch with few counted tokens weighs as much as a full one), this
+            is one call per update.
         **loss_options: Options of :func:`jxent.loss_and_logits_grad` (the reduction must be
             ``"mean"`` or ``"sum"``).
 
@@ -191,7 +204,9 @@ def make_step(
         counts, see :func:`accuracy`) and the gradient's global norm ``grad_norm``.
 
     Raises:
-        ValueError: ``reduction="none"``.
+        ValueError: ``reduction="none"``; ``microbatches`` not a positive int; (per call) a
+            batch size not divisible by ``microbatches``, or on a mesh a micro-batch not
+            divisible by the ``"data"`` axis; a mesh without a ``"data"`` axis.
         TypeError: A misspelled option (naming ``make_step`` and the closest option).
 
     Examples:
@@ -207,26 +222,59 @@ def make_step(
     check_option_names(loss_options, "make_step")
     if loss_options.get("reduction", "mean") == "none":
         raise ValueError("make_step needs a scalar loss: reduction 'mean' or 'sum'")
+    microbatches = _microbatch.check_count(microbatches)
     model = predictor if compute_dtype is None else mixed_precision(predictor, compute_dtype)
 
+    def stateful(params: PyTree, x: Any, model_state: PyTree, key: Any) -> Any:
+        return model(params, x, model_state, key) if has_aux else model(params, x)
+
+    def grads_and_metrics(params, x, labels, options, model_state, key):
+        def run(params: PyTree, x: Any) -> Any:
+            return stateful(params, x, model_state, key)
+
+        out = loss_grads_and_logits(run, params, x, labels, loss_options, options, "step", has_aux)
+        return out, accuracy(out.logits, labels, **{**loss_options, **options})
+
     def step(state: TrainState, x: Any, labels: Any, **options: Any) -> tuple[TrainState, Metrics]:
-        if has_aux:
-            key = None if state.key is None else jax.random.fold_in(state.key, state.step)
-
-            def run(params: PyTree, x: Any) -> tuple[jax.Array, PyTree]:
-                return model(params, x, state.model_state, key)
-
+        key = None
+        if has_aux and state.key is not None:
+            key = jax.random.fold_in(state.key, state.step)
+        if microbatches == 1:
+            out, (acc, count) = grads_and_metrics(
+                state.params, x, labels, options, state.model_state, key
+            )
+            totals = _microbatch.Totals(out.grads, out.loss, acc * count, count, out.aux)
         else:
-            run = model
-        out = loss_grads_and_logits(
-            run, state.params, x, labels, loss_options, options, "step", has_aux
-        )
-        updates, opt_state = optimizer.update(out.grads, state.opt_state, state.params)
+            totals = _micro_step(state, x, labels, options, key)
+        updates, opt_state = optimizer.update(totals.grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        model_state = out.aux if has_aux else state.model_state
+        model_state = totals.model_state if has_aux else state.model_state
         new = TrainState(params, opt_state, state.step + 1, model_state, state.key)
-        metrics = _metrics(out.loss, out.grads, out.logits, labels, {**loss_options, **options})
+        metrics = {"loss": totals.loss, "accuracy": totals.right / jnp.maximum(totals.count, 1.0)}
+        metrics |= {"count": totals.count, "grad_norm": _global_norm(totals.grads)}
         return new, metrics
+
+    def _micro_step(state, x, labels, options, key) -> _microbatch.Totals:
+        _microbatch.check_divides(jnp.shape(labels)[0], microbatches)
+        per_example = {k: v for k, v in options.items() if k == "where" and jnp.ndim(v) > 0}
+        shared = {**loss_options, **{k: v for k, v in options.items() if k not in per_example}}
+
+        def grad_fn(params, x, labels, options, model_state, index):
+            sub_key = None if key is None else jax.random.fold_in(key, index)
+            return grads_and_metrics(params, x, labels, options, model_state, sub_key)
+
+        def predict(params, x, model_state):
+            return stateful(params, x, model_state, key)
+
+        return _microbatch.accumulate(
+            grad_fn,
+            state.params,
+            (x, labels, per_example),
+            shared,
+            microbatches,
+            state.model_state,
+            predict,
+        )
 
     if mesh is None:
         jitted_step = jax.jit(step, donate_argnums=0)
@@ -238,8 +286,23 @@ def make_step(
             return jitted_step(state, x, labels, **options)
 
         return checked_step
+    return _on_mesh(step, mesh, microbatches)
+
+
+def _on_mesh(step: Callable[..., Any], mesh: Mesh, microbatches: int) -> StepFn:
+    """``step`` with the batch sharded over the mesh's ``"data"`` axis, the state replicated.
+
+    Any mesh works: ``jax.make_mesh`` (Explicit axes), ``Mesh(...)`` (Auto); inputs already laid
+    out so are not moved.
+    """
+    if DATA_AXIS not in mesh.shape:
+        raise ValueError(
+            f"mesh must have a {DATA_AXIS!r} axis to shard the batch over, found axes "
+            f"{tuple(mesh.axis_names)}"
+        )
     replicated = NamedSharding(mesh, PartitionSpec())
     batch = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    shards = mesh.shape[DATA_AXIS]
     # No in_shardings: the inputs are placed below and jit follows them, which also covers
     # per-batch options (a `where` mask is sharded like the batch, a scalar replicated).
     jitted = jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=0)
@@ -248,7 +311,14 @@ def make_step(
         state: TrainState, x: Any, labels: Any, **options: Any
     ) -> tuple[TrainState, Metrics]:
         _reject_structural(options)
-        rows = jnp.shape(x)[0]
+        rows = jnp.shape(labels)[0]
+        _microbatch.check_divides(rows, microbatches)
+        if (rows // microbatches) % shards:
+            raise ValueError(
+                f"the batch of {rows} examples in microbatches={microbatches} micro-batches of "
+                f"{rows // microbatches} does not shard over the {shards} devices of mesh axis "
+                f"{DATA_AXIS!r}: make each micro-batch a multiple of {shards}"
+            )
 
         def place(a: Any) -> Any:
             per_example = jnp.ndim(a) > 0 and jnp.shape(a)[0] == rows
@@ -334,6 +404,7 @@ def fit(
     has_aux: bool = False,
     model_state: PyTree = None,
     eval_predictor: Callable[[PyTree, Any, PyTree], jax.Array] | None = None,
+    microbatches: int = 1,
     **loss_options: Any,
 ) -> tuple[Any, list[dict[str, float]]]:
     """Trains ``predictor`` with the hand-derived gradient: shuffled minibatches, per-epoch eval.
@@ -363,6 +434,8 @@ def fit(
         model_state: Its initial state (e.g. flax ``variables["batch_stats"]``).
         eval_predictor: With ``has_aux`` and ``eval_data``: inference mode,
             ``eval_predictor(params, x, model_state) -> logits`` (running averages, no dropout).
+        microbatches: Each step's batch in this many micro-batches with one exact update, as
+            for :func:`make_step`; ``batch_size`` must be a multiple of it.
         **loss_options: Options of the loss.
 
     Returns:
@@ -374,8 +447,8 @@ def fit(
         ``first_step_seconds`` (the first step, its compilation included).
 
     Raises:
-        ValueError: ``batch_size`` larger than the data; ``has_aux`` with ``eval_data`` but no
-            ``eval_predictor``.
+        ValueError: ``batch_size`` larger than the data or not a multiple of ``microbatches``;
+            ``has_aux`` with ``eval_data`` but no ``eval_predictor``.
     """
     for name, given in (("data", data), ("eval_data", eval_data)):
         if given is not None and len(given) not in (2, 3):
@@ -390,6 +463,7 @@ def fit(
         raise ValueError(
             f"batch_size {batch_size} exceeds the {arrays[0].shape[0]} training examples"
         )
+    _microbatch.check_divides(batch_size, _microbatch.check_count(microbatches))
     if has_aux and eval_data is not None and eval_predictor is None:
         raise ValueError(
             "fit(has_aux=True, eval_data=...) needs eval_predictor(params, x, model_state) -> "
@@ -401,6 +475,7 @@ def fit(
         has_aux=has_aux,
         mesh=mesh,
         compute_dtype=compute_dtype,
+        microbatches=microbatches,
         **loss_options,
     )
     step_key = jax.random.fold_in(key, 1) if has_aux else None

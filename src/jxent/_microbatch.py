@@ -1,0 +1,128 @@
+r"""Exact gradient accumulation: ``k`` micro-batches whose update is the whole batch's.
+
+The mean over a batch is not the mean of its micro-batches' means when they count different
+numbers of examples (``where``, ``ignore_index``, class weights). The ``"mean"`` loss is
+
+.. math::
+
+    J = \frac{\sum_i m_i\,ce_i}{D_{ce}} + z\,\frac{\sum_i m_i \operatorname{lse}_i^2}{D_z},
+    \qquad D_{ce} = \sum_i m_i n_i, \quad D_z = \sum_i m_i,
+
+(:math:`m_i` counted, :math:`n_i` the target's class weight), so each micro-batch computes the
+``"sum"`` loss with the z coefficient :math:`z D_{ce}/D_z`, and the sum of their gradients is
+divided once by :math:`D_{ce}` -- both denominators taken over the whole batch, from the labels
+and masks alone (no forward pass). ``"sum"`` needs neither. Micro-batch ``j`` holds examples
+``j, j + k, j + 2k, ...``: with the batch sharded over devices, every device keeps its share of
+every micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jxent import _loss
+from jxent._vjp import logits_only
+
+PyTree = Any
+
+
+def check_count(microbatches: Any) -> int:
+    """``microbatches`` as a positive int, or a ValueError naming it."""
+    if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+        raise ValueError(f"microbatches must be a positive int, found {microbatches!r}")
+    return microbatches
+
+
+def check_divides(batch_size: int, microbatches: int) -> None:
+    """The batch must split into equal micro-batches."""
+    if batch_size % microbatches:
+        raise ValueError(
+            f"the batch of {batch_size} examples does not split into microbatches={microbatches} "
+            "equal micro-batches: make the batch size a multiple of microbatches"
+        )
+
+
+def split(tree: PyTree, microbatches: int) -> PyTree:
+    """``[B, ...] -> [k, B/k, ...]``, micro-batch ``j`` holding examples ``j, j + k, ...``."""
+
+    def one(a: jax.Array) -> jax.Array:
+        a = jnp.asarray(a)
+        a = a.reshape(a.shape[0] // microbatches, microbatches, *a.shape[1:])
+        return jnp.moveaxis(a, 1, 0)
+
+    return jax.tree.map(one, tree)
+
+
+class Totals(NamedTuple):
+    """What the micro-batches add up (the carry of their scan)."""
+
+    grads: PyTree
+    loss: jax.Array  # sum of the micro-batches' "sum" losses (scaled z-term)
+    right: jax.Array  # counted examples predicted right
+    count: jax.Array  # counted examples
+    model_state: PyTree
+
+
+def micro_options(options: dict[str, Any], logits: jax.ShapeDtypeStruct, labels: Any) -> tuple:
+    """``(options of each micro-batch, denominator of the sum)`` for the whole batch's loss."""
+    if options.get("reduction", "mean") == "sum":
+        return options, None
+    problem = _loss.prepare("step", jnp.zeros(logits.shape, logits.dtype), labels, **options)
+    ce_denominator, z_denominator = _loss.mean_denominators(problem)
+    micro = {**options, "reduction": "sum"}
+    if "z_loss" in options:
+        micro["z_loss"] = jnp.asarray(options["z_loss"]) * ce_denominator / z_denominator
+    return micro, ce_denominator
+
+
+def accumulate(
+    grad_fn: Callable[..., Any],
+    params: PyTree,
+    batch: tuple[Any, Any, dict[str, Any]],
+    options: dict[str, Any],
+    microbatches: int,
+    model_state: PyTree,
+    predict: Callable[..., Any],
+) -> Totals:
+    """Runs ``grad_fn`` on each micro-batch in a ``lax.scan`` and adds up what it returns.
+
+    ``grad_fn(params, x, labels, options, model_state, index) -> (out, metrics)`` with ``out``
+    a ``LossGradsLogits``; ``predict(params, x, model_state)`` gives the logits' shape (traced
+    only). ``batch`` is ``(x, labels, per-example options)``; ``options`` the rest.
+    """
+    x, labels, per_example = batch
+    parts = split((x, labels, per_example), microbatches)
+    first = jax.tree.map(lambda a: a[0], parts[0])
+    shape = jax.eval_shape(lambda p, x: logits_only(predict(p, x, model_state)), params, first)
+    full = jax.ShapeDtypeStruct((shape.shape[0] * microbatches, *shape.shape[1:]), shape.dtype)
+    micro, denominator = micro_options({**options, **per_example}, full, labels)
+    micro = {k: v for k, v in micro.items() if k not in per_example}
+
+    def body(totals: Totals, inputs: tuple) -> tuple[Totals, None]:
+        (x_j, labels_j, per_example_j), index = inputs
+        out, (acc, count) = grad_fn(
+            params, x_j, labels_j, {**micro, **per_example_j}, totals.model_state, index
+        )
+        grads = jax.tree.map(jnp.add, totals.grads, out.grads)
+        new = Totals(
+            grads,
+            totals.loss + out.loss,
+            totals.right + acc * count,
+            totals.count + count,
+            out.aux if out.aux is not None else totals.model_state,
+        )
+        return new, None
+
+    zero = jnp.zeros((), jnp.float32)  # accuracy's counts are float32
+    loss = jnp.zeros((), jnp.promote_types(shape.dtype, jnp.float32))  # the loss's dtype
+    init = Totals(jax.tree.map(jnp.zeros_like, params), loss, zero, zero, model_state)
+    totals, _ = lax.scan(body, init, (parts, jnp.arange(microbatches)))
+    if denominator is None:
+        return totals
+    grads = jax.tree.map(lambda g: (g / denominator).astype(g.dtype), totals.grads)
+    return totals._replace(grads=grads, loss=totals.loss / denominator)
