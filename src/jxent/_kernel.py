@@ -103,7 +103,7 @@ def mean_normaliser(config: Config, rows: Rows, weights: jax.Array) -> jax.Array
 
 
 def _explicit_sharding(a: jax.Array) -> Any:
-    """``a``'s sharding when it is sharded over Explicit mesh axes (sharding in types), else None."""
+    """``a``'s sharding when sharded over Explicit mesh axes (sharding in types), else None."""
     sharding = jax.typeof(a).sharding
     explicit = not sharding.mesh.empty and any(s is not None for s in sharding.spec)
     return sharding if explicit else None
