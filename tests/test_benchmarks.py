@@ -73,5 +73,8 @@ def test_quick_mode_writes_outside_the_source_tree():
     assert any(r["variant"].startswith("jxent.linear_cross_entropy") for r in vocab)
     assert any(r["variant"].startswith("jxent.vocab_parallel") for r in vocab)
     assert all(r["above_inputs_mib"] >= 0 for r in vocab)
+    assert set(res["sharded"]["head"]["ratios"]) >= {"fused sharded (explicit) / one device"}
+    assert res["sharded"]["microbatch"]["scratch_ratio"]["1"] == 1.0
     assert "| workload |" in (folder / "q.md").read_text()
+    assert "Sharded like the batch" in (folder / "q.md").read_text()
     assert (folder / "q.png").read_bytes()[:4] == b"\x89PNG"
