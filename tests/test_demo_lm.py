@@ -199,3 +199,78 @@ def test_a_one_step_run_reports_its_speed(corpus, tmp_path, capsys):
     ]
     assert main(argv) == 0
     assert "tokens/s" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_data_parallel_run_on_8_devices_has_the_one_device_losses(corpus, tmp_path):
+    """``--devices 8`` on 8 forced CPU devices (a subprocess) against ``--devices 1``."""
+    import os
+    import subprocess
+    import sys
+
+    def run(devices):
+        out = tmp_path / f"out{devices}"
+        argv = [
+            "demo",
+            "lm",
+            "--corpus",
+            str(corpus),
+            *TINY,
+            "--batch",
+            "8",
+            "--steps",
+            "3",
+            "--eval-every",
+            "1",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+            "--no-memory",
+            "--no-progress",
+            "--no-plot",
+            "--devices",
+            str(devices),
+        ]
+        env = dict(
+            os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+        )
+        code = "import sys; from jxent._cli import main; sys.exit(main(sys.argv[1:]))"
+        done = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((out / "history.json").read_text()), done.stdout
+
+    (eight, text), (one, _) = run(8), run(1)
+    assert "data parallel: batches sharded over 8 cpu devices" in text
+    assert "per device on 8 cpu devices" in text
+    assert eight["tokens_per_second_per_device"] > 0
+    for a, b in zip(eight["history"], one["history"]):
+        # float32, the batch's sums taken in another order across devices
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-5)
+
+
+def test_devices_flag_errors_are_one_line(corpus, tmp_path):
+    base = [
+        "demo",
+        "lm",
+        "--corpus",
+        str(corpus),
+        *TINY,
+        "--cache",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-memory",
+        "--no-progress",
+        "--steps",
+        "1",
+    ]
+    with pytest.raises(SystemExit, match="--devices 2 but 1 cpu device is visible"):
+        main([*base, "--devices", "2"])

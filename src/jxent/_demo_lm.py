@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jxent._linear import linear_cross_entropy
 from jxent._loss import softmax_cross_entropy
@@ -179,10 +180,19 @@ def _layer_norm(h: jax.Array, p: dict) -> jax.Array:
     return jax.nn.standardize(h, axis=-1, epsilon=1e-5) * scale + bias
 
 
+def _embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``table[tokens]``; with tokens sharded over Explicit mesh axes, sharded like them."""
+    sharding = jax.typeof(tokens).sharding
+    if sharding.mesh.empty or not any(sharding.spec):
+        return table[tokens]
+    out = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec, None))
+    return table.at[tokens].get(out_sharding=out)
+
+
 def body(params: dict, tokens: jax.Array, heads: int) -> jax.Array:
     """Tokens ``[B, T]`` -> final hidden states ``[B * T, D]`` (causal self-attention)."""
     batch, length = tokens.shape
-    h = params["embed"][tokens] + params["pos"][None, :length]
+    h = _embed(params["embed"], tokens) + params["pos"][None, :length]
     width = h.shape[-1]
     for blk in params["blocks"]:
         q, k, v = jnp.split(_layer_norm(h, blk["norm1"]) @ blk["qkv"], 3, axis=-1)
@@ -342,18 +352,20 @@ def run(args: argparse.Namespace) -> int:
         f"(ignore_index=<pad>, z_loss={Z_LOSS:g})"
     )
     optimizer = optimizer_for(args)
-    opt_state = optimizer.init(params)
+    place = _placement(args)
+    params = place(params, replicated=True)
+    opt_state = place(optimizer.init(params), replicated=True)  # as the step returns it
     step = jax.jit(make_step(optimizer, args.heads, "fused"), donate_argnums=(0, 1))
     evaluate = jax.jit(lambda p, b: lm_loss(p, b, args.heads))
     rng = np.random.default_rng(args.seed)
-    val_batches = _validation_batches(val_stream, args)
+    val_batches = [place(b) for b in _validation_batches(val_stream, args)]
     history: list[dict[str, float]] = []
     tokens_per_step = args.batch * args.context
     train_time = 0.0
     bar = tqdm(range(1, args.steps + 1), desc="training", leave=False, disable=not args.progress)
     for i in bar:
         starts = rng.integers(0, len(train_stream) - args.context - 1, args.batch)
-        batch = jnp.asarray(windows(train_stream, starts, args.context))
+        batch = place(jnp.asarray(windows(train_stream, starts, args.context)))
         t0 = time.perf_counter()
         params, opt_state, loss = step(params, opt_state, batch)
         loss = float(loss)  # waits for the step
@@ -374,9 +386,12 @@ def run(args: argparse.Namespace) -> int:
     first = history[0]["seconds"]  # the first step includes compilation
     steady = (train_time - first) / (args.steps - 1) if args.steps > 1 else first
     final = history[-1]
+    speed = tokens_per_step / steady
     print(
         f"trained {args.steps} steps of {tokens_per_step} tokens in {train_time:.1f} s (first step "
-        f"{first:.1f} s with compilation, then {tokens_per_step / steady:,.0f} tokens/s)"
+        f"{first:.1f} s with compilation, then {speed:,.0f} tokens/s, "
+        f"{speed / args.devices:,.0f} per device on {args.devices} {jax.default_backend()} "
+        f"device{'s' if args.devices > 1 else ''})"
     )
     print(
         f"validation loss {history[0]['val_loss']:.3f} -> {final['val_loss']:.3f} nats "
@@ -394,7 +409,8 @@ def run(args: argparse.Namespace) -> int:
         },
         "unigram_entropy": entropy,
         "history": history,
-        "tokens_per_second": tokens_per_step / steady,
+        "tokens_per_second": speed,
+        "tokens_per_second_per_device": speed / args.devices,
     }
     if args.memory:
         record["step_time"] = _time_heads(args, params, batch)  # first, on a quiet machine
@@ -410,6 +426,39 @@ def run(args: argparse.Namespace) -> int:
         written.append(out / "training.png")
     print(f"written: {', '.join(map(str, written))} ({record['seconds']:.0f} s in all)")
     return 0
+
+
+def _placement(args: argparse.Namespace) -> Callable[..., Any]:
+    """Where arrays go: data parallel over ``--devices`` (all visible ones by default).
+
+    Batches are sharded over a ``"data"`` axis of a ``jax.make_mesh`` mesh (Explicit axes), the
+    rest replicated; on one device arrays stay where they are. Sets ``args.devices``.
+    """
+    visible = jax.device_count()
+    args.devices = visible if args.devices is None else args.devices
+    if args.devices > visible:
+        raise SystemExit(
+            f"jxent demo lm: --devices {args.devices} but {visible} {jax.default_backend()} "
+            f"device{'s are' if visible > 1 else ' is'} visible"
+        )
+    if args.batch % args.devices:
+        raise SystemExit(
+            f"jxent demo lm: --batch {args.batch} sequences do not split over --devices "
+            f"{args.devices}: make the batch a multiple of the device count"
+        )
+    if args.devices == 1:
+        return lambda tree, replicated=False: tree
+    mesh = jax.make_mesh((args.devices,), ("data",), devices=jax.devices()[: args.devices])
+    print(f"data parallel: batches sharded over {args.devices} {jax.default_backend()} devices")
+
+    def place(tree: Any, replicated: bool = False) -> Any:
+        def one(a: jax.Array) -> jax.Array:
+            shard = not replicated and a.ndim and a.shape[0] % args.devices == 0
+            return jax.device_put(a, NamedSharding(mesh, PartitionSpec(*["data"][: int(shard)])))
+
+        return jax.tree.map(one, tree)
+
+    return place
 
 
 def _validation_batches(stream: np.ndarray, args: argparse.Namespace) -> list[jax.Array]:
@@ -508,6 +557,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=_positive, default=20, help="steps between evals (20)")
     parser.add_argument("--eval-batches", type=_positive, default=8, help="validation batches (8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init and batches")
+    parser.add_argument(
+        "--devices",
+        type=_positive,
+        default=None,
+        help="train data parallel over the first N devices (default: every visible device)",
+    )
     parser.add_argument(
         "--cache",
         default=str(Path.home() / ".cache" / "jxent"),
