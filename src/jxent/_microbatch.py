@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent import _loss
+from jxent import _kernel, _loss
 from jxent._vjp import logits_only
 
 PyTree = Any
@@ -56,6 +56,58 @@ def split(tree: PyTree, microbatches: int) -> PyTree:
         return jnp.moveaxis(a, 1, 0)
 
     return jax.tree.map(one, tree)
+
+
+def mean_denominators(
+    labels: jax.typing.ArrayLike,
+    *,
+    weights: jax.typing.ArrayLike | None = None,
+    where: jax.typing.ArrayLike | None = None,
+    ignore_index: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    r"""The ``"mean"`` loss's denominators over a whole batch, for exact gradient accumulation.
+
+    .. math::
+
+        D_{ce} = \sum_i m_i n_i, \qquad D_z = \sum_i m_i,
+
+    :math:`m_i` whether example :math:`i` counts (``where``, ``ignore_index``), :math:`n_i` its
+    target's class weight (integer labels with ``weights``; else 1). The batch's mean loss is
+    the sum over its micro-batches of the ``reduction="sum"`` loss with ``z_loss`` scaled by
+    :math:`D_{ce}/D_z`, divided by :math:`D_{ce}` -- and so are its gradients. As
+    ``jxent.train.make_step(..., microbatches=k)`` does it; this is for hand-written loops
+    (``jxent.linear_cross_entropy`` over micro-batches of tokens, see the README).
+
+    Args:
+        labels: Integer class indices (any shape) or probabilities (classes on the last axis).
+        weights: Class weights ``[L]`` as given to the loss, or None.
+        where: Boolean mask shaped like integer labels (the examples), or None.
+        ignore_index: As given to the loss, or None.
+
+    Returns:
+        ``(ce_denominator, z_denominator)``, float32 scalars (float64 under x64): 1 when no
+        example counts; ``ce_denominator`` NaN when examples count but their class weights sum
+        to 0 (the loss is NaN then too, as in PyTorch).
+
+    Examples:
+        >>> import jax.numpy as jnp, jxent
+        >>> jxent.train.mean_denominators(jnp.array([0, 2, -100, 1]), ignore_index=-100,
+        ...                               weights=jnp.array([1.0, 2.0, 3.0]))
+        (Array(6., dtype=float32), Array(3., dtype=float32))
+    """
+    labels = jnp.asarray(labels)
+    soft = jnp.issubdtype(labels.dtype, jnp.floating)
+    shape = labels.shape[:-1] if soft else labels.shape
+    counted = jnp.ones(shape, bool) if where is None else jnp.asarray(where, bool)
+    n = jnp.ones(shape, jnp.promote_types(jnp.float32, jnp.result_type(float)))
+    if not soft:
+        if ignore_index is not None:
+            counted = counted & ~_kernel.label_equals(labels, ignore_index)
+        if weights is not None:
+            weights = jnp.asarray(weights, n.dtype)
+            index = jnp.clip(labels.astype(jnp.int32), 0, weights.shape[0] - 1)
+            n = _kernel.per_row_lookup(weights, index)
+    return _kernel.denominator(counted, n), _kernel.denominator(counted, jnp.ones_like(n))
 
 
 class Totals(NamedTuple):

@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jxent import _microbatch
+from jxent._microbatch import mean_denominators
 from jxent._loss import counted_rows, prepare, softmax_cross_entropy
 from jxent._options import STRUCTURAL_OPTIONS, check_option_names, split_static
 from jxent._vjp import Predictor, logits_only, loss_grads_and_logits
@@ -628,5 +629,6 @@ __all__ = [
     "gnb_estimator",
     "init_state",
     "make_step",
+    "mean_denominators",
     "mixed_precision",
 ]
