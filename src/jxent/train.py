@@ -21,8 +21,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jxent import _microbatch
-from jxent._microbatch import mean_denominators
 from jxent._loss import counted_rows, prepare, softmax_cross_entropy
+from jxent._microbatch import mean_denominators
 from jxent._options import STRUCTURAL_OPTIONS, check_option_names, split_static
 from jxent._vjp import Predictor, logits_only, loss_grads_and_logits
 
