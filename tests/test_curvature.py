@@ -175,7 +175,10 @@ def test_the_ggn_leaves_out_exactly_the_cap_and_lse_terms(x64, key):
     assert eig["ggn"][0] > -1e-14 * eig["ggn"][-1]
 
 
-def test_jax_jvp_of_jax_grad_of_every_public_loss_is_the_hand_derived_product(x64, key):
+def test_wiring_jvp_of_grad_of_every_public_loss_runs_the_hand_derived_product(x64, key):
+    """Wiring for the materialised loss (``logits_hvp`` is the same rule; its independent leg is
+    ``test_logits_hvp_and_ggn_match_the_plain_loss``); agreement for the chunked one, against
+    the plain loss of ``x @ w + b``."""
     x, labels, v, weights = _problem(key, False)
     opts = {"weights": weights, "label_smoothing": 0.1, "z_loss": 0.2, "logit_softcap": 2.0}
     want = jxent.logits_hvp(x, labels, v, **opts)

@@ -249,7 +249,9 @@ def test_jvp_jacfwd_hessian_linearize_vmap(x64, key, reduction, soft):
             _close(got[name], want[name], 1e-9)
 
 
-def test_jax_grad_of_the_loss_is_the_hand_derived_gradient(x64, key):
+def test_wiring_jax_grad_of_the_loss_runs_the_hand_derived_gradient(x64, key):
+    """Wiring, not agreement: both sides are jxent's rule (the independent leg is the test above,
+    against ``jax.grad`` of the plain reference loss)."""
     x, labels, weights = _problem(key, False)
     opts = {"weights": weights, "label_smoothing": 0.2, "z_loss": 0.1, "logit_softcap": 2.0}
     auto = jax.grad(lambda z: jxent.softmax_cross_entropy(z, labels, **opts))(x)

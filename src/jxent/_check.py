@@ -1,7 +1,10 @@
 r"""A gradient checker that says *why* a gradient is wrong.
 
-A candidate gradient is compared, leaf by leaf, with two float64 references: ``jax.grad`` of the
-full loss and central finite differences. A failing leaf is then classified by fitting the
+A candidate gradient is compared, leaf by leaf, with two float64 references that share no code
+with jxent's derivative: ``jax.grad`` of the plain loss (``_plain.plain_loss``: ``log_softmax``
+and an explicit target, differentiated by JAX's autodiff -- not ``jax.grad`` of
+``jxent.softmax_cross_entropy``, which runs jxent's own rule) and central finite differences of
+that same plain loss. A failing leaf is then classified by fitting the
 simplest explanation -- zero, transposed, a multiple :math:`c \cdot g` of the truth (sign
 flipped when :math:`c = -1`, sum vs mean when :math:`c = B` or :math:`1/B`) -- and the report
 combines the leaves into one verdict.
@@ -65,8 +68,8 @@ class LeafReport:
     Attributes:
         path: The leaf's pytree path, e.g. ``[1][0]`` or ``['encoder']['w']``.
         shape: Its shape.
-        max_abs_error: max |candidate - jax.grad| over the leaf.
-        max_rel_error: ``max_abs_error`` / max |jax.grad| (norm-wise relative error).
+        max_abs_error: max |candidate - jax.grad of the plain loss| over the leaf.
+        max_rel_error: ``max_abs_error`` / max |that gradient| (norm-wise relative error).
         fd_rel_error: max |candidate - finite differences| / max |jax.grad| over the checked
             entries (``nan`` when no entry of this leaf was differenced).
         fd_entries: How many entries were differenced.
@@ -113,7 +116,7 @@ class GradCheckReport:
     def __str__(self) -> str:
         width = max([len(r.path) for r in self.leaves] + [4])
         lines = [
-            f"{'leaf':<{width}}  {'shape':<12} {'vs jax.grad':>11} {'vs FD':>9} {'FD n':>5}"
+            f"{'leaf':<{width}}  {'shape':<12} {'vs plain AD':>11} {'vs FD':>9} {'FD n':>5}"
             "  verdict"
         ]
         for r in self.leaves:
@@ -171,13 +174,14 @@ def check_grads(
 ) -> GradCheckReport:
     r"""Checks a candidate gradient of softmax cross-entropy on ``predictor`` and says why not.
 
-    The reference is :math:`J(\theta) = \text{loss}(h(\theta, x), y)` with the given loss options,
+    The reference is :math:`J(\theta) = \text{loss}(h(\theta, x), y)` with the given loss options
+    and the plain loss (no jxent derivative under it, see the module notes),
     evaluated in float64 (x64 is enabled for the check only and the previous setting restored).
     ``grad_fn(params, x, labels)`` runs on the inputs as given (float32 stays float32).
 
     Each leaf passes when :math:`\max|c - g| \le \text{atol} + \text{rtol}\max|g|` for both
-    :math:`g` = ``jax.grad`` (all entries) and :math:`g` = central finite differences (checked
-    entries). Finite differences (``fd``):
+    :math:`g` = ``jax.grad`` of the plain loss (all entries) and :math:`g` = central finite
+    differences (checked entries). Finite differences (``fd``):
 
     * ``"entries"`` (default): every entry of leaves with at most ``max_full_leaf`` entries, and
       ``samples_per_leaf`` entries drawn without replacement (seeded by ``seed``) from larger
@@ -416,7 +420,7 @@ def _leaf_report(
     elif ok_auto:
         diag = Diagnosis(
             Kind.AUTODIFF_DISAGREES_WITH_FD,
-            f"{path} equals jax.grad but both differ from finite differences "
+            f"{path} equals jax.grad of the plain loss but both differ from finite differences "
             f"({fd_err:.1e}): the predictor's own derivative (a custom_vjp, a kink such as relu "
             "at 0, a non-smooth op) is suspect",
             None,
@@ -585,7 +589,10 @@ def _summarise(
             )
         )
     if not failed:
-        diag = Diagnosis(Kind.OK, f"all {len(leaves)} leaves match jax.grad and finite differences")
+        diag = Diagnosis(
+            Kind.OK,
+            f"all {len(leaves)} leaves match jax.grad of the plain loss and finite differences",
+        )
         return GradCheckReport(leaves, True, diag, tuple(notes), rtol, atol, method)
     names = tuple(r.path for r in failed)
     kinds = {r.diagnosis.kind for r in failed}

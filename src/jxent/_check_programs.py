@@ -1,7 +1,8 @@
 r"""The checker's references as compiled programs, cached by predictor, options and shapes.
 
-:func:`jxent.check_grads` needs, per call, ``jax.grad`` of the plain loss and finite differences
-of it. Built as closures over the call's data they were retraced and recompiled on every call,
+:func:`jxent.check_grads` needs, per call, ``jax.grad`` of the plain loss (``_plain``: no jxent
+derivative under it) and finite differences of it. Built as closures over the call's data they
+were retraced and recompiled on every call,
 and ``jax.grad`` ran op by op; here each is one ``jax.jit`` program whose static part is the
 predictor and the options that shape the program, and whose arguments are the parameters, the
 data and the array options. A second check of the same model and shapes (another candidate,
@@ -21,8 +22,8 @@ import numpy as np
 from jax import lax
 
 from jxent import _fd
-from jxent._loss import softmax_cross_entropy
 from jxent._options import split_static
+from jxent._plain import plain_loss
 from jxent._vjp import logits_only
 
 PyTree = Any
@@ -75,14 +76,14 @@ def split(
 
 def _loss(key: LossKey, params: PyTree, x: Any, labels: Any, arrays: dict[str, Any]) -> jax.Array:
     logits = logits_only(key.predictor.fn(params, x))
-    return softmax_cross_entropy(logits, labels, **dict(key.static), **arrays)
+    return plain_loss(logits, labels, **dict(key.static), **arrays)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def reference_grad(
     key: LossKey, params: PyTree, x: Any, labels: Any, arrays: dict[str, Any]
 ) -> PyTree:
-    """``jax.grad`` of the plain loss (jxent's loss is differentiated by autodiff here)."""
+    """``jax.grad`` of the plain loss: JAX's autodiff, none of jxent's derivative rules."""
     return jax.grad(_loss, argnums=1)(key, params, x, labels, arrays)
 
 

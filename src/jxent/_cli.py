@@ -38,8 +38,8 @@ def _check_builtin(dtype: Any) -> bool:
     for name, (apply, params, x, y) in builtin_instances(jax.random.key(0), dtype).items():
         report = check_grads(hand_grad(apply), apply, params, x, y)
         print(
-            f"== {name} predictor, {jnp.dtype(dtype).name} inputs: jxent.grad vs jax.grad "
-            "and float64 finite differences"
+            f"== {name} predictor, {jnp.dtype(dtype).name} inputs: jxent.grad vs jax.grad of "
+            "the plain loss and float64 finite differences"
         )
         print(report, end="\n\n")
         ok &= report.ok
@@ -80,7 +80,10 @@ def user_model(args: argparse.Namespace) -> tuple[Callable[..., Any], Any, jax.A
 def _check_user(args: argparse.Namespace) -> bool:
     apply, params, x, y = user_model(args)
     report = check_grads(hand_grad(apply), apply, params, x, y)
-    print(f"== {args.predictor}: jxent.grad vs jax.grad and float64 finite differences")
+    print(
+        f"== {args.predictor}: jxent.grad vs jax.grad of the plain loss and float64 finite "
+        "differences"
+    )
     print(report)
     return report.ok
 
@@ -191,8 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         help="check jxent's hand-derived gradient (or diagnose classic mistakes)",
-        description="Compare the hand-derived gradient with jax.grad and float64 finite "
-        "differences. Exit codes: 0 pass, 1 a gradient check failed (with --demo-mistakes: a "
+        description="Compare the hand-derived gradient with jax.grad of the plain loss "
+        "(log_softmax, no jxent derivative) and float64 finite differences. Exit codes: 0 pass, "
+        "1 a gradient check failed (with --demo-mistakes: a "
         "mistake was not caught), 2 bad usage or a --predictor/--init that cannot be loaded.",
     )
     check.add_argument(

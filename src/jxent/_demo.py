@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     params = mlp.init(jax.random.key(args.seed), [x_train.shape[1], args.hidden, 10])
     print(f"digits: {len(x_train)} training and {len(x_test)} test images of 8x8 pixels")
     print(f"\n1. Hand-derived gradient of the MLP 64-{args.hidden}-10 on 64 training images, vs")
-    print("   jax.grad and float64 central finite differences:")
+    print("   jax.grad of the plain loss (log_softmax, no jxent rule) and float64 central")
+    print("   finite differences:")
     report = check_grads(grad(mlp.apply), mlp.apply, params, x_train[:64], y_train[:64])
     print(report)
     if not report.ok:
