@@ -1,6 +1,6 @@
 """jxent benchmarks: one run, interleaved variants, ratios against baselines measured alongside.
 
-    python -m benchmarks [--quick | --full] [--name NAME] [--out DIR] [--readme]
+    python -m benchmarks [--quick | --full] [--name NAME] [--out DIR] [--docs]
 
 Modes: the default covers every workload, variant and dtype (7 rounds, sweeps over 3 vocabulary
 sizes and 2 token counts); ``--full`` takes 15 rounds and 6 + 4 sweep points (about 25 minutes on
@@ -16,7 +16,7 @@ the best round is the peak (reported with the rounds' medians), and each workloa
 FLOP/s is reported as a fraction of it. Large-vocabulary variants run one per
 process (``benchmarks/vocab.py``) so their peak memory is their own. Results: JSON (figures,
 versions, machine, wall time), PNG plots and a Markdown table under ``benchmarks/results/``;
-``--readme`` splices the table into README.md.
+``--docs`` splices the table into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -463,7 +463,9 @@ def main(argv: list[str] | None = None) -> None:
         help="output folder (default benchmarks/results; build/benchmarks for --quick, which "
         "git ignores, so a smoke run leaves the tree clean)",
     )
-    parser.add_argument("--readme", action="store_true", help="splice the table into README.md")
+    parser.add_argument(
+        "--docs", action="store_true", help="splice the table into docs/benchmarks.md"
+    )
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full" if args.full else "default"
     repeats = args.repeats or MODES[mode]["repeats"]
@@ -482,8 +484,8 @@ def main(argv: list[str] | None = None) -> None:
     plots(res, out / f"{name}.png")
     print(table)
     print(f"written: {out / name}.json, .md, .png ({mode} run, {res['wall_s'] / 60:.1f} min)")
-    if args.readme:
-        readme = ROOT.parent / "README.md"
+    if args.docs:
+        readme = ROOT.parent / "docs" / "benchmarks.md"
         text = readme.read_text()
         start_tag, end_tag = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
         head, rest = text.split(start_tag)

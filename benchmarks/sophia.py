@@ -23,7 +23,7 @@ import optax
 import optax.contrib
 
 import jxent
-from jxent._demo import load_digits_split
+from jxent._cli._base import load_digits_split
 from jxent.predictors import mlp
 
 GRID = {"adam": [1e-3, 3e-3, 1e-2], "sophia-g": [1e-3, 3e-3, 1e-2]}

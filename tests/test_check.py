@@ -102,7 +102,7 @@ def test_zero_gradient_is_diagnosed(name):
 
 
 def test_summed_over_classes_linear_mistake_is_zero():
-    from jxent._mistakes import summed_over_classes
+    from jxent._check._mistakes import summed_over_classes
 
     apply, params, x, y = instance("linear")
     report = check(summed_over_classes, apply, params, x, y)

@@ -272,7 +272,7 @@ def test_spectral_density_integrates_to_one_and_its_trace_is_right(x64):
     assert grid.shape == density.shape == (1000,)
     assert abs(float(jnp.trapezoid(density, grid)) - 1.0) < 1e-6
     product = jxent.hessian_vector_product(apply)
-    nodes, weights = jxent._spectrum.slq_nodes(
+    nodes, weights = jxent._curvature._spectrum.slq_nodes(
         lambda v: product(params, x, y, v),
         params,
         num_iters=size,

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from _reference import assert_tree_close
-from jxent import _demo_lm
-from jxent._cli import main
+from jxent._cli import _demo_lm, main
 
 TINY = [
     "--vocab",

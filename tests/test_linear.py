@@ -13,7 +13,7 @@ import pytest
 
 import jxent
 from _reference import reference_loss
-from jxent import _chunked
+from jxent._head import _chunked
 
 N, D, L = 37, 5, 23  # chunk sizes below do not divide N; a vocabulary block of 5 leaves 3
 IGNORE = -100

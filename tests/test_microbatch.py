@@ -86,7 +86,7 @@ def test_microbatched_probability_labels_and_per_batch_options(x64, key):
 
 
 def test_optax_multisteps_differs_where_microbatching_does_not(x64, key):
-    """The README's claim: averaging micro-batch means (optax.MultiSteps) is not the batch mean."""
+    """docs/sharded.md's claim: averaging micro-batch means (optax.MultiSteps) is not the mean."""
     params = jax.tree.map(lambda a: a.astype(jnp.float64), mlp.init(key, [F, 8, C]))
     x, y = _batch(jax.random.fold_in(key, 1))
     y = jnp.abs(y) % C

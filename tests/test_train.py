@@ -184,7 +184,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     # assertion on how the measured times compare (a loaded machine may reorder them)
     assert record["steady_step_seconds"] > 0
     assert record["first_step_seconds"] > 0
-    from jxent._demo import _plot
+    from jxent._cli._demo import _plot
 
     _plot(record["history"], out_dir / "training.png")
     png = (out_dir / "training.png").read_bytes()
@@ -195,7 +195,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
 
 def test_step_times_separate_the_first_step_from_the_steady_state():
-    from jxent._demo import step_times
+    from jxent._cli._demo import step_times
 
     history = [
         {"train_seconds": 3.0, "first_step_seconds": 2.0},  # 10 steps: 1 s for the other 9

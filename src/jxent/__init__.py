@@ -10,14 +10,26 @@ from jxent._check import (
     check_grads,
 )
 from jxent._checked import checked
-from jxent._curvature import ggn_vector_product, hessian_vector_product
-from jxent._diagonals import ggn_diagonal, gnb_diagonal, hutchinson_diagonal
+from jxent._curvature import (
+    LanczosResult,
+    ggn_diagonal,
+    ggn_vector_product,
+    gnb_diagonal,
+    hessian_vector_product,
+    hutchinson_diagonal,
+    lanczos,
+    linear_sample_labels,
+    sample_labels,
+    spectral_density,
+    top_eigenvalues,
+)
 from jxent._fd import finite_difference_entries, finite_difference_grad
-from jxent._linear import linear_cross_entropy, vocab_parallel_linear_cross_entropy
-from jxent._linear_ggn import linear_cross_entropy_ggn_vector_product
+from jxent._head import (
+    linear_cross_entropy,
+    linear_cross_entropy_ggn_vector_product,
+    vocab_parallel_linear_cross_entropy,
+)
 from jxent._loss import logits_grad, logits_hvp, loss_and_logits_grad, softmax_cross_entropy
-from jxent._sampling import linear_sample_labels, sample_labels
-from jxent._spectrum import LanczosResult, lanczos, spectral_density, top_eigenvalues
 from jxent._vjp import batched, grad, value_and_grad
 
 __version__ = "0.1.0"

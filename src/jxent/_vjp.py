@@ -94,10 +94,10 @@ def value_and_grad(
         )
         return ((out.loss, out.aux), out.grads) if has_aux else (out.loss, out.grads)
 
-    return _named(value_and_grad_fn, "value_and_grad", predictor)
+    return named_after(value_and_grad_fn, "value_and_grad", predictor)
 
 
-def _named(fn: Callable[..., Any], kind: str, predictor: Any) -> Callable[..., Any]:
+def named_after(fn: Callable[..., Any], kind: str, predictor: Any) -> Callable[..., Any]:
     """Names ``fn`` after the predictor, keeping ``fn``'s own signature.
 
     Not ``functools.wraps``: its ``__wrapped__`` makes ``inspect.signature`` (and so
@@ -131,7 +131,9 @@ def loss_grads_and_logits(
     """The one implementation behind :func:`value_and_grad`, :func:`grad` and the training step."""
     _options.check_option_names(call_options, function)
     if has_aux:
-        logits, pullback, aux = jax.vjp(lambda p: _pair(predictor(p, x)), params, has_aux=True)
+        logits, pullback, aux = jax.vjp(
+            lambda p: logits_and_aux(predictor(p, x)), params, has_aux=True
+        )
     else:
         logits, pullback = jax.vjp(lambda p: logits_only(predictor(p, x)), params)
         aux = None
@@ -152,7 +154,8 @@ def logits_only(out: Any) -> Any:
     return out
 
 
-def _pair(out: Any) -> tuple[Any, Any]:
+def logits_and_aux(out: Any) -> tuple[Any, Any]:
+    """``(logits, aux)`` of a ``has_aux`` predictor's output, or a TypeError saying what it was."""
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         if isinstance(out, (tuple, list)):
             found = f"a {type(out).__name__} of {len(out)}"
@@ -184,7 +187,7 @@ def grad(predictor: Predictor, *, has_aux: bool = False, **loss_options: Any) ->
         )
         return (out.grads, out.aux) if has_aux else out.grads
 
-    return _named(grad_fn, "grad", predictor)
+    return named_after(grad_fn, "grad", predictor)
 
 
 def batched(per_example: Callable[[PyTree, Any], jax.Array]) -> Predictor:

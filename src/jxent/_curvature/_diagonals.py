@@ -18,10 +18,10 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jxent import _options, _validate
-from jxent._curvature import ggn_vector_product, hessian_vector_product
+from jxent._curvature._products import ggn_vector_product, hessian_vector_product
+from jxent._curvature._sampling import sample_labels
 from jxent._loss import counted_rows, ggn_factor, logits_grad, prepare
-from jxent._sampling import sample_labels
-from jxent._vjp import Predictor, PyTree, _named, logits_only
+from jxent._vjp import Predictor, PyTree, logits_only, named_after
 
 # The GNB estimator is unbiased for the GGN of the plain mean cross-entropy of the model's
 # distribution; these options shape that distribution or which examples the mean counts.
@@ -95,7 +95,7 @@ def gnb_diagonal(predictor: Predictor, **options: Any) -> GNBFn:
         count = jnp.sum(counted).astype(jnp.promote_types(logits.dtype, jnp.float32))
         return jax.tree.map(lambda g: (count * g * g).astype(g.dtype), grads)
 
-    return _named(gnb_fn, "gnb_diagonal", predictor)
+    return named_after(gnb_fn, "gnb_diagonal", predictor)
 
 
 def _check_gnb_options(options: dict[str, Any]) -> None:
@@ -188,7 +188,7 @@ def hutchinson_diagonal(
         total = lax.fori_loop(0, num_samples, add_one, zeros)
         return jax.tree.map(lambda t: t / num_samples, total)
 
-    return _named(hutchinson_fn, "hutchinson_diagonal", predictor)
+    return named_after(hutchinson_fn, "hutchinson_diagonal", predictor)
 
 
 def rademacher_like(key: jax.Array, tree: PyTree) -> PyTree:
@@ -281,4 +281,4 @@ def ggn_diagonal(predictor: Predictor, **loss_options: Any) -> GGNDiagonalFn:
         total, _ = lax.scan(add_example, zeros, (x, per_example))
         return total
 
-    return _named(ggn_diagonal_fn, "ggn_diagonal", predictor)
+    return named_after(ggn_diagonal_fn, "ggn_diagonal", predictor)

@@ -40,7 +40,8 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from jxent import _chunked, _kernel, _options, _tokens, _validate
+from jxent import _kernel, _options, _validate
+from jxent._head import _chunked, _tokens
 from jxent._kernel import Rows
 from jxent._loss import Reduction
 from jxent._options import Arrays, Config

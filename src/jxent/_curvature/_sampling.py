@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jxent import _chunked, _linear, _options, _tokens, _validate
+from jxent import _head, _options, _validate
 
 NEG_INF = -jnp.inf
 
@@ -136,28 +136,28 @@ def linear_sample_labels(
         ((3,), dtype('int32'))
     """
     x, w = jnp.asarray(x), jnp.asarray(w)
-    num_tokens, num_classes = _linear.check_shapes(x, w, bias)
+    num_tokens, num_classes = _head.check_shapes(x, w, bias)
     _options.check_softcap(logit_softcap)
     b = jnp.zeros((num_classes,), w.dtype) if bias is None else jnp.asarray(bias)
-    sched = _chunked.schedule(num_tokens, num_classes, chunk_size, vocab_block_size)
+    sched = _head.schedule(num_tokens, num_classes, chunk_size, vocab_block_size)
     cap = None if logit_softcap is None else float(logit_softcap)
     impl = str(jax.random.key_impl(key))
     return _linear_sampler(sched, cap, impl)(jax.random.key_data(key), x, w, b)
 
 
 @functools.lru_cache(maxsize=64)
-def _linear_sampler(sched: _chunked.Schedule, logit_softcap: float | None, impl: str) -> Any:
+def _linear_sampler(sched: _head.Schedule, logit_softcap: float | None, impl: str) -> Any:
     def run(key_data: jax.Array, x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
         tokens = jnp.arange(x.shape[0], dtype=jnp.int32)  # sharded like x: global positions
         scan = functools.partial(_draw, sched, logit_softcap, impl)
         roles = ("." * key_data.ndim, "T.", ".V", "V", "T")
-        return _tokens.over_tokens(scan, (key_data, x, w, b, tokens), roles, "T")
+        return _head.over_tokens(scan, (key_data, x, w, b, tokens), roles, "T")
 
     return jax.jit(run)
 
 
 def _draw(
-    sched: _chunked.Schedule,
+    sched: _head.Schedule,
     logit_softcap: float | None,
     impl: str,
     key_data: jax.Array,
@@ -168,7 +168,7 @@ def _draw(
 ) -> jax.Array:
     """The Gumbel-max draw of this device's tokens, block by block (a running best)."""
     key = jax.random.wrap_key_data(key_data, impl=impl)
-    acc = _chunked.accumulation_dtype(x, w)
+    acc = _head.accumulation_dtype(x, w)
 
     def body(_: None, c: tuple, pin: jax.Array) -> tuple[None, jax.Array]:
         x_c, token = c
@@ -177,7 +177,7 @@ def _draw(
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, token)
 
         def step(best: tuple, start: Any, size: int) -> tuple:
-            z = _chunked.block_logits(None, x_c, w, b, start, size).z
+            z = _head.block_logits(None, x_c, w, b, start, size).z
             noise = jax.vmap(lambda k: _gumbel(jax.random.fold_in(k, start), size, acc))(keys)
             score = _capped(z, logit_softcap) + noise
             value = jnp.max(score, axis=1)
@@ -188,12 +188,12 @@ def _draw(
 
         rows = x_c.shape[0]
         best = (jnp.full((rows,), NEG_INF, acc), jnp.zeros((rows,), jnp.int32))
-        best = _chunked.over_blocks(
+        best = _head.over_blocks(
             step, (*best, jnp.zeros((rows,), bool)), w.shape[1], sched.block, pin
         )
         return None, jnp.where(best[2], -1, best[1])
 
-    return _chunked.scan_tokens(body, None, (x, tokens), sched.chunk)[1]
+    return _head.scan_tokens(body, None, (x, tokens), sched.chunk)[1]
 
 
 def _gumbel(key: jax.Array, size: int, dtype: Any) -> jax.Array:

@@ -19,10 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jxent import _demo
-from jxent._curvature import ggn_vector_product, hessian_vector_product
-from jxent._diagonals import rademacher_like
-from jxent._spectrum import density_on_grid, lanczos, slq_nodes, tridiagonal_eigh
+from jxent._cli import _base
+from jxent._curvature import (
+    density_on_grid,
+    ggn_vector_product,
+    hessian_vector_product,
+    lanczos,
+    rademacher_like,
+    slq_nodes,
+    tridiagonal_eigh,
+)
 from jxent.predictors import mlp
 from jxent.train import fit
 
@@ -71,11 +77,9 @@ def _summary(out: dict[str, jax.Array]) -> dict[str, Any]:
 def _data(args: argparse.Namespace) -> tuple[Callable, Any, Any, Any, Any]:
     """``(apply, params, x_train, y_train, (x_batch, y_batch))``: the demo's, or the user's."""
     if args.predictor or args.init:
-        from jxent._cli import user_model
-
-        apply, params, x, y = user_model(args)
+        apply, params, x, y = _base.user_model(args)
         return apply, params, x, y, (x, y)
-    (x_train, y_train), _ = _demo.load_digits_split(args.seed)
+    (x_train, y_train), _ = _base.load_digits_split(args.seed)
     params = mlp.init(jax.random.key(args.seed), [x_train.shape[1], args.hidden, 10])
     batch = (jnp.asarray(x_train[: args.batch]), jnp.asarray(y_train[: args.batch]))
     return mlp.apply, params, x_train, y_train, batch
@@ -83,12 +87,13 @@ def _data(args: argparse.Namespace) -> tuple[Callable, Any, Any, Any, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``jxent curvature``; returns the exit code."""
+    _base.require("tqdm", *([] if args.no_plot else ["matplotlib"]))
     from tqdm.auto import tqdm
 
-    from jxent._cli import LoadError
-
     if args.k > args.iters:
-        raise LoadError(f"--k {args.k} needs at least as many Lanczos steps: --iters {args.iters}")
+        raise _base.CommandError(
+            f"--k {args.k} needs at least as many Lanczos steps: --iters {args.iters}"
+        )
     start = time.perf_counter()
     apply, params, x_train, y_train, (x, y) = _data(args)
     size = sum(a.size for a in jax.tree.leaves(params))
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                     optax.adam(args.lr),
                     (x_train, y_train),
                     epochs=epochs,
-                    batch_size=64,
+                    batch_size=min(64, len(y_train)),  # a user's --batch may be smaller
                     key=jax.random.key(args.seed + 1),
                     progress=False,
                 )
@@ -172,17 +177,9 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _at_least_two(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"a standard error needs >= 2 samples, found {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's flags."""
-    from jxent._cli import _positive
-
+    _positive = _base.positive
     parser.add_argument("--epochs", type=_positive, default=10, help="training epochs (10)")
     parser.add_argument("--hidden", type=_positive, default=64, help="demo MLP width (64)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (3e-3)")
@@ -191,7 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=_positive, default=40, help="Lanczos steps (40)")
     parser.add_argument("--probes", type=_positive, default=3, help="SLQ probes (3)")
     parser.add_argument(
-        "--samples", type=_at_least_two, default=20, help="Hutchinson samples, >= 2 (20)"
+        "--samples", type=_base.at_least_two, default=20, help="Hutchinson samples, >= 2 (20)"
     )
     parser.add_argument(
         "--predictor",

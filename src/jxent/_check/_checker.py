@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jxent import _check_programs as _programs
 from jxent import _fd
+from jxent._check import _programs
 from jxent._options import check_option_names
 from jxent._vjp import logits_only
 

@@ -17,8 +17,8 @@ from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
 from jxent import _options
-from jxent._curvature import ggn_vector_product, hessian_vector_product
-from jxent._diagonals import rademacher_like
+from jxent._curvature._diagonals import rademacher_like
+from jxent._curvature._products import ggn_vector_product, hessian_vector_product
 from jxent._vjp import Predictor, PyTree
 
 Curvature = Literal["hessian", "ggn"]

@@ -13,26 +13,11 @@ import numpy as np
 import optax
 
 from jxent._check import check_grads
+from jxent._cli import _base
+from jxent._cli._base import load_digits_split
 from jxent._vjp import grad
 from jxent.predictors import mlp
 from jxent.train import fit
-
-
-def load_digits_split(seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, ...]]:
-    """scikit-learn's bundled 8x8 digits (1797 images, no download), a seeded 80/20 split."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise SystemExit(
-            'jxent demo needs scikit-learn for its bundled data set: pip install "jxent[demo]"'
-        ) from err
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)  # pixel intensities 0..16 -> [0, 1]
-    y = digits.target.astype(np.int32)
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_train = int(0.8 * len(x))
-    train, test = order[:n_train], order[n_train:]
-    return (x[train], y[train]), (x[test], y[test])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,12 +111,16 @@ def _plot(history: list[dict[str, Any]], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags."""
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden width (default 128)")
+    parser.add_argument(
+        "--epochs", type=_base.positive, default=30, help="training epochs (default 30)"
+    )
+    parser.add_argument(
+        "--hidden", type=_base.positive, default=128, help="hidden width (default 128)"
+    )
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (3e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of split, init, shuffling")
     parser.add_argument("--out", default="jxent-demo", help="output folder (jxent-demo)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
 
 
-__all__ = ["add_arguments", "load_digits_split", "run", "step_times"]
+__all__ = ["add_arguments", "run", "step_times"]

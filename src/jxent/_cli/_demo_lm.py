@@ -30,7 +30,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jxent._linear import linear_cross_entropy
+from jxent._cli import _base
+from jxent._head import linear_cross_entropy
 from jxent._loss import softmax_cross_entropy
 
 SPECIALS = ["<pad>", "<eos>"]  # ids 0 and 1
@@ -292,7 +293,7 @@ def memory_rows(args: argparse.Namespace, batches: list[int]) -> list[dict[str, 
     for batch in batches:
         for head in ("fused", "materialised"):
             flags = [f"--{k}={getattr(args, k)}" for k in MODEL_FLAGS]
-            cmd = [sys.executable, "-m", "jxent._demo_lm", "measure", head, str(batch), *flags]
+            cmd = [sys.executable, "-m", "jxent._cli._demo_lm", "measure", head, str(batch), *flags]
             # All at once: each process's peak is its own, and the wait is the longest one's.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             jobs.append((head, batch, proc))
@@ -311,6 +312,7 @@ def memory_rows(args: argparse.Namespace, batches: list[int]) -> list[dict[str, 
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``jxent demo lm``; returns the exit code."""
+    _base.require("tokenizers", "tqdm", *([] if args.no_plot else ["matplotlib"]))
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -541,8 +543,7 @@ def _plot(record: dict[str, Any], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``jxent demo lm``."""
-    from jxent._cli import _positive
-
+    _positive = _base.positive
     parser.add_argument("--corpus", help="a folder of text files (default: Python's stdlib *.py)")
     parser.add_argument(
         "--vocab", type=_vocab_size, default=32768, help="BPE vocabulary, >= 258 (32768)"
@@ -592,7 +593,7 @@ def _vocab_size(text: str) -> int:
 
 
 def _measure_main(argv: list[str]) -> None:
-    """``python -m jxent._demo_lm measure HEAD BATCH --vocab=... ...``: one JSON line."""
+    """``python -m jxent._cli._demo_lm measure HEAD BATCH --vocab=... ...``: one JSON line."""
     head, batch, *flags = argv
     parser = argparse.ArgumentParser()
     add_arguments(parser)

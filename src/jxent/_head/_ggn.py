@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jxent import _chunked, _kernel, _linear, _tokens
+from jxent import _kernel
+from jxent._head import _chunked, _linear, _tokens
 from jxent._kernel import Rows
 from jxent._loss import Reduction
 from jxent._options import Arrays, Config

@@ -27,7 +27,14 @@ from jax.typing import ArrayLike
 
 from jxent import _options
 from jxent._loss import logits_hvp
-from jxent._vjp import Predictor, PyTree, _named, _pair, logits_only, loss_grads_and_logits
+from jxent._vjp import (
+    Predictor,
+    PyTree,
+    logits_and_aux,
+    logits_only,
+    loss_grads_and_logits,
+    named_after,
+)
 
 
 class CurvatureProductFn(Protocol):
@@ -110,7 +117,7 @@ def ggn_vector_product(
             it = iter(float_leaves)
             full = [next(it) if f else a for a, f in zip(leaves, floating, strict=True)]
             out = predictor(jax.tree.unflatten(treedef, full), x)
-            return _pair(out) if has_aux else (logits_only(out), None)
+            return logits_and_aux(out) if has_aux else (logits_only(out), None)
 
         primals = [a for a, f in zip(leaves, floating, strict=True) if f]
         logits, jvp, aux = jax.linearize(of_floats, primals, has_aux=True)
@@ -125,7 +132,7 @@ def ggn_vector_product(
         product = jax.tree.unflatten(treedef, product)
         return (product, aux) if has_aux else product
 
-    return _named(ggn_fn, "ggn_vector_product", predictor)
+    return named_after(ggn_fn, "ggn_vector_product", predictor)
 
 
 def hessian_vector_product(
@@ -189,7 +196,7 @@ def hessian_vector_product(
         _, product, aux = jax.jvp(grads, (params,), (v,), has_aux=True)
         return (product, aux) if has_aux else product
 
-    return _named(hvp_fn, "hessian_vector_product", predictor)
+    return named_after(hvp_fn, "hessian_vector_product", predictor)
 
 
 def _is_floating(a: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Training with the hand-derived gradient: a jitted optax step, data parallel, and a plain loop.
+"""The training step, the loop and the Sophia estimator (``jxent.train`` re-exports them).
 
 ``make_step`` builds ``step(state, x, labels) -> (state, metrics)`` around
 :func:`jxent.value_and_grad`; with ``mesh=`` the batch is sharded over the mesh's ``"data"``
@@ -20,11 +20,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jxent import _microbatch
+from jxent._curvature import gnb_diagonal
 from jxent._loss import counted_rows, prepare, softmax_cross_entropy
-from jxent._microbatch import mean_denominators
 from jxent._options import STRUCTURAL_OPTIONS, check_option_names, split_static
 from jxent._vjp import Predictor, logits_only, loss_grads_and_logits
+from jxent.train import _microbatch
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -589,8 +589,6 @@ def gnb_estimator(
     References:
         Liu et al. 2023 (Sophia-G, Algorithm 2); ``optax.contrib.sophia``.
     """
-    from jxent._diagonals import gnb_diagonal
-
     gnb = gnb_diagonal(predictor, **options)
 
     def init(params: PyTree) -> GNBState:
@@ -617,18 +615,3 @@ def _progress(total: int, enabled: bool) -> Any:
     except ImportError:  # optional: training works without a bar
         return None
     return tqdm(total=total, unit="step", desc="training")
-
-
-__all__ = [
-    "GNBState",
-    "TrainState",
-    "accuracy",
-    "data_mesh",
-    "evaluate",
-    "fit",
-    "gnb_estimator",
-    "init_state",
-    "make_step",
-    "mean_denominators",
-    "mixed_precision",
-]
