@@ -344,7 +344,7 @@ def test_scale_words_follow_the_reduction_checked():
     mean_of_sum = jxent.grad(apply)  # the mean's gradient offered for reduction="sum"
     report = check(mean_of_sum, apply, params, x, y, reduction="sum")
     assert f"batch size {B}, averaged instead of summed" in report.diagnosis.message
-    with pytest.raises(ValueError, match="scalar loss: reduction 'mean' or 'sum'"):
+    with pytest.raises(ValueError, match="check_grads needs one loss: reduction 'mean' or 'sum'"):
         check(mean_of_sum, apply, params, x, y, reduction="none")
 
 

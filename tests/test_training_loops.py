@@ -322,12 +322,12 @@ def test_evaluate_compiles_once_for_repeated_calls():
     params = mlp.init(jax.random.key(0), [3, 4, 5])
     x, y = jnp.ones((6, 3)), jnp.arange(6) % 5
     jxent.train.evaluate(mlp.apply, params, x, y, label_smoothing=0.1, where=x[:, 0] > 0)
-    size = jxent.train._evaluate_jit._cache_size()
+    size = jxent.train._training._evaluate_jit._cache_size()
     for epoch in range(3):  # new parameters and masks every "epoch": one compilation in all
         params = jax.tree.map(lambda a: a * 0.9, params)
         mask = jnp.arange(6) != epoch
         jxent.train.evaluate(mlp.apply, params, x, y, label_smoothing=0.1, where=mask)
-    assert jxent.train._evaluate_jit._cache_size() == size
+    assert jxent.train._training._evaluate_jit._cache_size() == size
 
 
 def test_fit_takes_a_padding_mask_with_the_data():
@@ -403,7 +403,7 @@ def test_misplaced_and_ignored_arguments_are_errors():
     ]:
         with pytest.raises(TypeError, match=rf"{name}= shapes the compiled step: give it to"):
             step(jxent.train.init_state(params, opt), x, y, **{name: value})
-    with pytest.raises(ValueError, match="evaluate reports one loss"):
+    with pytest.raises(ValueError, match=r"evaluate needs one loss: .* found .none."):
         jxent.train.evaluate(linear.apply, params, x, y, reduction="none")
     fit = functools.partial(
         jxent.train.fit, linear.apply, params, opt, epochs=1, batch_size=4,

@@ -26,10 +26,44 @@ from jxent._options import Arrays, Config
 Reduction = Literal["mean", "sum", "none"]
 
 
-class _Problem(NamedTuple):
+class LossArgs(NamedTuple):
+    """The loss's custom_jvp arguments, as :func:`prepare` makes them (rows = examples).
+
+    Attributes:
+        x: Logits as rows ``[R, L]`` (class axes last, flattened) in the compute dtype.
+        labels: Class indices ``int32 [R]`` (clipped) or probabilities ``[R, L]``.
+        counted: ``bool [R]``: ``where`` and not ``ignore_index``.
+        bad: ``bool [R]``: counted with an out-of-range label or option (NaN loss).
+        class_mask: ``bool [R, L]`` per-logit ``where``, or None.
+        weights: Class weights ``[L]`` (ones without them).
+        eps: Label smoothing (scalar).
+        z: z-loss coefficient (scalar).
+    """
+
+    x: jax.Array
+    labels: jax.Array
+    counted: jax.Array
+    bad: jax.Array
+    class_mask: jax.Array | None
+    weights: jax.Array
+    eps: jax.Array
+    z: jax.Array
+
+    def rows(self) -> Rows:
+        """The per-row facts the kernel takes."""
+        return Rows(self.labels, self.counted, self.bad)
+
+    def arrays(self) -> Arrays:
+        """The traced options the kernel takes."""
+        return Arrays(self.weights, self.eps, self.z)
+
+
+class Problem(NamedTuple):
+    """A validated call: the static config, the class-axis layout, the custom_jvp's arguments."""
+
     config: Config
     layout: _validate.Layout
-    args: tuple  # the custom_jvp's arguments, see _loss_fn
+    args: LossArgs
 
 
 def prepare(
@@ -46,7 +80,7 @@ def prepare(
     z_loss: ArrayLike = 0.0,
     logit_softcap: float | None = None,
     **unknown: Any,
-) -> _Problem:
+) -> Problem:
     """Validates every argument once; returns the static config and the kernel's arrays."""
     _options.check_option_names(unknown, function)
     if isinstance(logits, (tuple, list, dict)):
@@ -81,31 +115,48 @@ def prepare(
         _validate.check_label_range(labels, layout.num_classes, ignore_index, row_mask)
         rows = _kernel.integer_rows(config, labels.reshape(-1), row_mask)
     rows = rows._replace(bad=rows.bad | _options.bad_option(config, arrays))
-    return _Problem(config, layout, (x, *rows, class_mask, *arrays))
+    return Problem(config, layout, LossArgs(x, *rows, class_mask, *arrays))
 
 
-def counted_rows(problem: _Problem) -> jax.Array:
+def counted_rows(problem: Problem) -> jax.Array:
     """``bool [rows]``: the examples the loss counts (``where``, ``ignore_index``, a class left)."""
-    counted, class_mask = problem.args[2], problem.args[4]
+    counted, class_mask = problem.args.counted, problem.args.class_mask
     if class_mask is not None:
         counted = counted & jnp.any(class_mask, axis=-1)
     return counted
 
 
-def mean_denominators(problem: _Problem) -> tuple[jax.Array, jax.Array]:
+def mean_denominators(problem: Problem) -> tuple[jax.Array, jax.Array]:
     r"""The ``"mean"`` reduction's two denominators: :math:`\sum_i m_i n_i` and :math:`\sum_i m_i`.
 
     The cross-entropy's (counted examples, weighted by their target class's weight with class
     weights and integer labels) and the z-term's (counted examples), as :func:`_kernel.row_scales`
     forms them: what a sum over micro-batches must be divided by to equal the batch's mean.
     """
-    config, (_, labels, _, bad) = problem.config, problem.args[:4]
-    rows = Rows(labels, counted_rows(problem), bad)
-    n = _kernel.mean_normaliser(config, rows, problem.args[5])
+    args = problem.args
+    rows = Rows(args.labels, counted_rows(problem), args.bad)
+    n = _kernel.mean_normaliser(problem.config, rows, args.weights)
     return _kernel.denominator(rows.counted, n), _kernel.denominator(rows.counted, n * 0 + 1)
 
 
 class _Forward(NamedTuple):
+    r"""Everything one softmax over all classes gives, for the loss and its derivatives.
+
+    Attributes:
+        loss: The reduced loss (per row for ``"none"``).
+        grad: :math:`G = \partial J / \partial x` ``[R, L]``, or None when not asked for.
+        rows: The rows, with examples that have no class left uncounted or bad.
+        s: Scores ``[R, L]``: the capped logits, ``-inf`` where masked.
+        ds: ``ds/dx`` of the cap, or None without one.
+        target: The effective target and its pieces (``_kernel.Target``).
+        stats: The rows' softmax statistics (``_kernel.Stats``).
+        lse: Log-sum-exp per row.
+        a: Each row's weight of its cross-entropy in the reduction (``_kernel.row_scales``).
+        b: Each row's weight of its z-term.
+        mean_ce: :math:`\sum_i a_i ce_i`, the reduction's cross-entropy part.
+        normaliser_sum: The mean's denominator :math:`\sum_i m_i n_i`.
+    """
+
     loss: jax.Array
     grad: jax.Array | None
     rows: Rows
@@ -210,7 +261,7 @@ def _loss_fn(config: Config) -> Any:
         if not _is_zero(tangents[0]):
             # G through its own custom_jvp: a second derivative uses the hand-derived Hessian.
             fwd = fwd._replace(grad=_grad_fn(config)(*primals))
-        return fwd.loss, _tangent(config, fwd, Arrays(*primals[5:]), tangents)
+        return fwd.loss, _tangent(config, fwd, LossArgs(*primals).arrays(), tangents)
 
     loss_fn.defjvp(loss_jvp, symbolic_zeros=True)
     # jit: an eager call runs one compiled program instead of dispatching op by op (2-3x faster
@@ -229,8 +280,8 @@ def _loss_and_grad_fn(config: Config) -> Any:
 
 
 # The arguments of the loss's custom_jvp that may carry tangents besides the logits: probability
-# labels, class weights, label smoothing and the z-loss coefficient.
-_OTHER_FLOATS = (1, 5, 6, 7)
+# labels, class weights, label smoothing and the z-loss coefficient (positions in LossArgs).
+_OTHER_FLOATS = tuple(LossArgs._fields.index(f) for f in ("labels", "weights", "eps", "z"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -257,7 +308,7 @@ def _grad_fn(config: Config) -> Any:
         else:
             dot = _curvature(config, False, *primals, tangents[0])
         moving = [i for i in _OTHER_FLOATS if not _is_zero(tangents[i])]
-        moving = [i for i in moving if i != 1 or config.soft]
+        moving = [i for i in moving if i != _OTHER_FLOATS[0] or config.soft]  # int labels: none
         if moving:
 
             def along(*values: jax.Array) -> jax.Array:
@@ -280,7 +331,7 @@ def _curvature(config: Config, ggn: bool, *args: Any) -> jax.Array:
     fwd = _forward(config, *primals, with_grad=False)
     se = jnp.where(fwd.rows.counted, fwd.stats.se, 1.0)
     p_dot_v = _kernel.tangent_sum(fwd.s, fwd.ds, fwd.stats.m, v) / se
-    arrays = Arrays(*primals[5:])
+    arrays = LossArgs(*primals).arrays()
     return _kernel.curvature_block(
         config,
         fwd.rows,
@@ -454,7 +505,7 @@ def softmax_cross_entropy(
     return _batch_shaped(problem, _loss_fn(problem.config)(*problem.args))
 
 
-def _batch_shaped(problem: _Problem, loss: jax.Array) -> jax.Array:
+def _batch_shaped(problem: Problem, loss: jax.Array) -> jax.Array:
     """Per-example losses (``"none"``) in the examples' shape; a scalar stays a scalar."""
     return loss.reshape(problem.layout.batch_shape) if loss.ndim else loss
 
@@ -616,7 +667,7 @@ def _factor_fn(config: Config) -> Any:
         s_cols = root_p[:, None, :] * (eye[None] - p[:, :, None])  # [R, l, k]
         cols = jnp.sqrt(a * fwd.stats.tsum)[:, None, None] * s_cols
         if config.has_z_loss:
-            z_col = jnp.sqrt(2.0 * args[7] * fwd.b)[:, None] * p
+            z_col = jnp.sqrt(2.0 * LossArgs(*args).z * fwd.b)[:, None] * p
             cols = jnp.concatenate([cols, z_col[:, :, None]], axis=2)
         if fwd.ds is not None:
             cols = cols * fwd.ds[:, :, None]

@@ -100,6 +100,36 @@ def check_option_names(options: dict[str, Any], function: str) -> None:
             )
 
 
+def merged(factory: dict[str, Any], call: dict[str, Any], function: str) -> dict[str, Any]:
+    """The options of one call: those given to the factory, overridden by the call's own.
+
+    ``jxent.value_and_grad(predictor, **factory)(params, x, labels, **call)`` and every other
+    factory (``make_step``, ``ggn_vector_product``, the diagonals) merge this way, here only.
+    """
+    check_option_names(call, function)
+    return {**factory, **call}
+
+
+def require_scalar(options: dict[str, Any], function: str) -> None:
+    """Raises ``ValueError`` when ``options`` ask for ``reduction="none"`` (one loss needed)."""
+    if options.get("reduction", "mean") == "none":
+        raise ValueError(
+            f"{function} needs one loss: reduction 'mean' or 'sum', found 'none' (the gradient "
+            "of the per-example losses summed is the 'sum' one)"
+        )
+
+
+def reject_structural(options: dict[str, Any], function: str) -> None:
+    """Structural options belong to the factory, not a traced call (checked before ``jit``)."""
+    for name in STRUCTURAL_OPTIONS:
+        if name in options:
+            raise TypeError(
+                f"{name}= shapes the compiled {function}: give it to the factory "
+                f"({function}'s maker, e.g. make_step(..., {name}=...)), not to the call "
+                "(per-call options are arrays such as where=)"
+            )
+
+
 def prepare(
     *,
     batch_shape: tuple[int, ...],

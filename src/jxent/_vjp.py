@@ -129,7 +129,7 @@ def loss_grads_and_logits(
     has_aux: bool = False,
 ) -> LossGradsLogits:
     """The one implementation behind :func:`value_and_grad`, :func:`grad` and the training step."""
-    _options.check_option_names(call_options, function)
+    options = _options.merged(loss_options, call_options, function)
     if has_aux:
         logits, pullback, aux = jax.vjp(
             lambda p: logits_and_aux(predictor(p, x)), params, has_aux=True
@@ -137,7 +137,7 @@ def loss_grads_and_logits(
     else:
         logits, pullback = jax.vjp(lambda p: logits_only(predictor(p, x)), params)
         aux = None
-    loss, cotangent = loss_and_logits_grad(logits, labels, **{**loss_options, **call_options})
+    loss, cotangent = loss_and_logits_grad(logits, labels, **options)
     (grads,) = pullback(cotangent)
     return LossGradsLogits(loss, grads, logits, aux)
 

@@ -23,7 +23,8 @@ import numpy as np
 
 from jxent import _fd
 from jxent._check import _programs
-from jxent._options import check_option_names
+from jxent._loss import counted_rows, mean_denominators, prepare
+from jxent._options import check_option_names, require_scalar
 from jxent._vjp import logits_only
 
 PyTree = Any
@@ -232,11 +233,7 @@ def check_grads(
         (True, <Kind.OK: 'ok'>)
     """
     check_option_names(loss_options, "check_grads")
-    if loss_options.get("reduction", "mean") == "none":
-        raise ValueError(
-            "check_grads checks the gradient of a scalar loss: reduction 'mean' or 'sum', found "
-            "'none' (the gradient of reduction='none' losses summed is the 'sum' one)"
-        )
+    require_scalar(loss_options, "check_grads")
     if fd not in ("entries", "directions"):
         raise ValueError(f"fd must be 'entries' or 'directions', found {fd!r}")
     candidate = grad_fn(params, x, labels)
@@ -533,36 +530,24 @@ def _natural_counts(
     labels: Any,
     loss_options: dict[str, Any],
 ) -> Counts:
-    """The counts a wrong normalisation can multiply or divide by, from shapes and label values.
+    """The counts a wrong normalisation can multiply or divide by: what the loss counts.
 
-    Batch size and number of classes always; the counted examples (``where``, ``ignore_index``)
-    and their class-weight sum when they differ from the batch size.
+    Batch size and number of classes always; the counted examples (``where``, ``ignore_index``,
+    a class left under a per-logit ``where``) and their class-weight sum when they differ --
+    the mean's own denominators (``_loss.mean_denominators``), not a second reading of options.
     """
-    axis = loss_options.get("axis", -1)
-    shape = jax.eval_shape(lambda p, x: logits_only(predictor(p, x)), params, x).shape
-    axes = axis if isinstance(axis, tuple) else (axis,)
-    num_classes = int(np.prod([shape[a] for a in axes]))
-    batch = int(np.prod(shape)) // num_classes
+    logits = jax.eval_shape(lambda p, x: logits_only(predictor(p, x)), params, x)
+    problem = prepare("check_grads", jnp.zeros(logits.shape, logits.dtype), labels, **loss_options)
+    batch, num_classes = problem.layout.num_rows, problem.layout.num_classes
     counts = [("batch size", float(batch)), ("number of classes", float(num_classes))]
-    reduction = loss_options.get("reduction", "mean")
-    if not _is_int(labels):
-        return Counts(tuple(counts), reduction)
-    y = np.asarray(labels).reshape(-1)
-    counted = np.ones(y.shape, bool)
-    where = loss_options.get("where")
-    if where is not None and np.size(where) == y.size:  # a per-example mask
-        counted &= np.asarray(where).reshape(-1)
-    if loss_options.get("ignore_index") is not None:
-        counted &= y != loss_options["ignore_index"]
-    if counted.sum() != batch:
-        counts.append(("counted examples", float(counted.sum())))
-    weights = loss_options.get("weights")
-    if weights is not None:
-        w = np.asarray(weights, np.float64)[np.where(counted, y, 0)]
-        total = float(np.sum(w[counted]))
-        if abs(total - counted.sum()) > 1e-9 * max(total, 1.0):
-            counts.append(("class-weight sum", total))
-    return Counts(tuple(counts), reduction)
+    ce_denominator, count = (float(d) for d in mean_denominators(problem))
+    if not any(counted_rows(problem)):
+        count = 0.0  # the denominators read 1 when nothing counts (a mean of nothing is 0)
+    if count != batch:
+        counts.append(("counted examples", count))
+    if "weights" in loss_options and abs(ce_denominator - count) > 1e-9 * max(count, 1.0):
+        counts.append(("class-weight sum", ce_denominator))
+    return Counts(tuple(counts), loss_options.get("reduction", "mean"))
 
 
 def _summarise(

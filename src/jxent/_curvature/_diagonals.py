@@ -86,7 +86,7 @@ def gnb_diagonal(predictor: Predictor, **options: Any) -> GNBFn:
 
     def gnb_fn(params: PyTree, x: Any, key: jax.Array, **call_options: Any) -> PyTree:
         _check_gnb_options(call_options)
-        opts = {**options, **call_options}
+        opts = _options.merged(options, call_options, "gnb_diagonal")
         logits, pullback = jax.vjp(lambda p: logits_only(predictor(p, x)), params)
         labels = sample_labels(key, lax.stop_gradient(logits), **opts)
         (grads,) = pullback(logits_grad(logits, labels, **opts))
@@ -248,7 +248,7 @@ def ggn_diagonal(predictor: Predictor, **loss_options: Any) -> GGNDiagonalFn:
     _options.check_option_names(loss_options, "ggn_diagonal")
 
     def ggn_diagonal_fn(params: PyTree, x: Any, labels: ArrayLike, **options: Any) -> PyTree:
-        opts = {**loss_options, **options}
+        opts = _options.merged(loss_options, options, "ggn_diagonal")
         logits = logits_only(predictor(params, x))
         factor, layout = ggn_factor(lax.stop_gradient(logits), labels, **opts)
         examples = logits.shape[0]

@@ -122,8 +122,8 @@ def ggn_vector_product(
         primals = [a for a, f in zip(leaves, floating, strict=True) if f]
         logits, jvp, aux = jax.linearize(of_floats, primals, has_aux=True)
         v_floats = [t for t, f in zip(jax.tree.leaves(v), floating, strict=True) if f]
-        opts = {**loss_options, **options, "curvature": "ggn"}
-        u = logits_hvp(logits, labels, jvp(v_floats), **opts)
+        opts = _options.merged(loss_options, options, "ggn_vector_product")
+        u = logits_hvp(logits, labels, jvp(v_floats), curvature="ggn", **opts)
         (product_floats,) = jax.linear_transpose(jvp, primals)(u)
         it = iter(product_floats)
         product = [

@@ -160,7 +160,7 @@ def _check_tangents(tangents: Any, args: _linear.HeadArgs, has_bias: bool) -> _T
 @functools.lru_cache(maxsize=64)
 def _ggn_fn(config: Config, sched: _chunked.Schedule) -> Any:
     def run(args: _linear.HeadArgs, dots: _Tangents) -> tuple[jax.Array, jax.Array, jax.Array]:
-        rows = Rows(args.labels, args.counted, args.bad)
+        rows = args.rows()
         a, b_scale, _ = _kernel.row_scales(config, rows, args.weights)
         roles = _linear.arg_roles(config.soft)
         dot_roles = _Tangents(

@@ -72,6 +72,14 @@ class HeadArgs(NamedTuple):
     eps: jax.Array
     z: jax.Array
 
+    def rows(self) -> Rows:
+        """The per-token facts the kernel takes."""
+        return Rows(self.labels, self.counted, self.bad)
+
+    def arrays(self) -> Arrays:
+        """The traced options the kernel takes."""
+        return Arrays(self.weights, self.eps, self.z)
+
 
 def arg_roles(soft: bool) -> HeadArgs:
     """Each argument's dimensions for ``_tokens``: ``T`` tokens, ``V`` classes, ``.`` neither."""
@@ -339,7 +347,7 @@ def _scan(
         st = _stats_pass(head, c, rows, pin)
         lse, ce, empty = _kernel.finish(st)
         rows = rows._replace(bad=rows.bad | (rows.counted & empty))
-        loss = _kernel.row_losses(config, rows, Arrays(*args[6:]), ce, lse, c.a, c.b_scale)
+        loss = _kernel.row_losses(config, rows, args.arrays(), ce, lse, c.a, c.b_scale)
         out = {"loss": loss, "ce": jnp.where(rows.counted, ce, 0.0), "lse": lse}
         if dots is not None:
             return sums, out | {"tangent": _tangent_pass(head, c, rows, st, pin)}
@@ -375,12 +383,12 @@ def _loss_fn(config: Config, sched: _chunked.Schedule) -> Any:
     @jax.custom_jvp
     def loss_fn(*args):
         args = HeadArgs(*args)
-        a, b_scale, _ = _kernel.row_scales(config, Rows(*args[3:6]), args.weights)
+        a, b_scale, _ = _kernel.row_scales(config, args.rows(), args.weights)
         return _reduce(config, _run(config, sched, _Want(), args, a, b_scale).loss)
 
     def loss_jvp(primals, tangents):
         args, dots = HeadArgs(*primals), HeadArgs(*tangents)
-        rows = Rows(args.labels, args.counted, args.bad)
+        rows = args.rows()
         a, b_scale, n = _kernel.row_scales(config, rows, args.weights)
         if config.reduction == "none":
             out = _run(config, sched, _Want(), args, a, b_scale, dots)

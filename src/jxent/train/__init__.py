@@ -8,6 +8,7 @@ micro-batches (``_microbatch``). ``fit`` is the plain loop around it.
 
 from jxent.train._microbatch import mean_denominators
 from jxent.train._training import (
+    DATA_AXIS,
     GNBState,
     TrainState,
     accuracy,
@@ -21,6 +22,7 @@ from jxent.train._training import (
 )
 
 __all__ = [
+    "DATA_AXIS",
     "GNBState",
     "TrainState",
     "accuracy",

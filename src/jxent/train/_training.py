@@ -22,7 +22,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jxent._curvature import gnb_diagonal
 from jxent._loss import counted_rows, prepare, softmax_cross_entropy
-from jxent._options import STRUCTURAL_OPTIONS, check_option_names, split_static
+from jxent._options import (
+    check_option_names,
+    merged,
+    reject_structural,
+    require_scalar,
+    split_static,
+)
 from jxent._vjp import Predictor, logits_only, loss_grads_and_logits
 from jxent.train import _microbatch
 
@@ -131,7 +137,8 @@ def accuracy(
         counts) and how many counted, both float32 scalars.
     """
     problem = prepare("accuracy", logits, labels, **loss_options)
-    scores, labels_rows, _, _, class_mask = problem.args[:5]
+    args = problem.args
+    scores, labels_rows, class_mask = args.x, args.labels, args.class_mask
     counted = counted_rows(problem)
     if class_mask is not None:
         scores = jnp.where(class_mask, scores, -jnp.inf)
@@ -221,8 +228,7 @@ def make_step(
         1
     """
     check_option_names(loss_options, "make_step")
-    if loss_options.get("reduction", "mean") == "none":
-        raise ValueError("make_step needs a scalar loss: reduction 'mean' or 'sum'")
+    require_scalar(loss_options, "make_step")
     microbatches = _microbatch.check_count(microbatches)
     model = predictor if compute_dtype is None else mixed_precision(predictor, compute_dtype)
 
@@ -234,7 +240,7 @@ def make_step(
             return stateful(params, x, model_state, key)
 
         out = loss_grads_and_logits(run, params, x, labels, loss_options, options, "step", has_aux)
-        return out, accuracy(out.logits, labels, **{**loss_options, **options})
+        return out, accuracy(out.logits, labels, **merged(loss_options, options, "step"))
 
     def step(state: TrainState, x: Any, labels: Any, **options: Any) -> tuple[TrainState, Metrics]:
         key = None
@@ -258,7 +264,8 @@ def make_step(
     def _micro_step(state, x, labels, options, key) -> _microbatch.Totals:
         _microbatch.check_divides(jnp.shape(labels)[0], microbatches)
         per_example = {k: v for k, v in options.items() if k == "where" and jnp.ndim(v) > 0}
-        shared = {**loss_options, **{k: v for k, v in options.items() if k not in per_example}}
+        rest = {k: v for k, v in options.items() if k not in per_example}
+        shared = merged(loss_options, rest, "step")
 
         def grad_fn(params, x, labels, options, model_state, index):
             sub_key = None if key is None else jax.random.fold_in(key, index)
@@ -283,7 +290,7 @@ def make_step(
         def checked_step(
             state: TrainState, x: Any, labels: Any, **options: Any
         ) -> tuple[TrainState, Metrics]:
-            _reject_structural(options)
+            reject_structural(options, "step")
             return jitted_step(state, x, labels, **options)
 
         return checked_step
@@ -311,7 +318,7 @@ def _on_mesh(step: Callable[..., Any], mesh: Mesh, microbatches: int) -> StepFn:
     def sharded_step(
         state: TrainState, x: Any, labels: Any, **options: Any
     ) -> tuple[TrainState, Metrics]:
-        _reject_structural(options)
+        reject_structural(options, "step")
         rows = jnp.shape(labels)[0]
         _microbatch.check_divides(rows, microbatches)
         if (rows // microbatches) % shards:
@@ -330,16 +337,6 @@ def _on_mesh(step: Callable[..., Any], mesh: Mesh, microbatches: int) -> StepFn:
         return jitted(state, x, labels, **jax.tree.map(place, options))
 
     return sharded_step
-
-
-def _reject_structural(options: dict[str, Any]) -> None:
-    """Checked before ``jit`` sees them: a string ``reduction`` would not even trace."""
-    for name in STRUCTURAL_OPTIONS:
-        if name in options:
-            raise TypeError(
-                f"{name}= shapes the compiled step: give it to make_step(..., {name}=...), "
-                "not to the step call (per-batch options are arrays such as where=)"
-            )
 
 
 def evaluate(
@@ -365,10 +362,7 @@ def evaluate(
         ``{"loss": float, "accuracy": float, "count": float}``.
     """
     check_option_names(loss_options, "evaluate")
-    if loss_options.get("reduction", "mean") == "none":
-        raise ValueError(
-            "evaluate reports one loss: reduction must be 'mean' or 'sum', found 'none'"
-        )
+    require_scalar(loss_options, "evaluate")
     static, arrays = split_static(loss_options)
     scores = _evaluate_jit(predictor, static, params, x, labels, arrays)
     return {k: float(v) for k, v in scores.items()}
