@@ -2,9 +2,9 @@
 
 import os
 
-# The suite compiles hundreds of small XLA programs and its time is mostly compilation: LLVM at
-# optimisation level 0 cut test_one_derivative + test_options from 100 s to 83 s (2-core VM).
-# Only the tests' code generation changes; the numbers are checked at the same tolerances.
+# The suite compiles hundreds of small XLA programs and its time is mostly compilation, which LLVM
+# at optimisation level 0 shortens (figures: docs/testing.md). Only the tests' code generation
+# changes; the numbers are checked at the same tolerances.
 # Set before JAX starts its backend; subprocess tests pass their own XLA_FLAGS.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"

@@ -40,8 +40,18 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("name", sorted(CASES))
+# Every case with the mean in the default tier; "sum" and "none" for the all-options case there,
+# for the others in the slow tier (the README command's time budget).
+GRID = [
+    pytest.param(
+        name, reduction, marks=[] if reduction == "mean" or name == "all" else [pytest.mark.slow]
+    )
+    for name in sorted(CASES)
+    for reduction in ("mean", "sum", "none")
+]
+
+
+@pytest.mark.parametrize(("name", "reduction"), GRID)
 @pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])
 def test_plain_loss_equals_the_tests_reference_in_value_and_gradient(
     x64, key, name, reduction, soft

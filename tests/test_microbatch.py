@@ -41,7 +41,10 @@ def _sgd_grads(params, new_params):
     return jax.tree.map(lambda p, q: p - q, params, new_params)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "reduction",
+    ["mean", pytest.param("sum", marks=pytest.mark.slow)],  # time budget: sum slow
+)
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_microbatched_step_equals_whole_batch_and_the_plain_loss(x64, key, name, reduction):
     options = OPTIONS[name]

@@ -133,6 +133,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Three processes (~15 s): the slow tier, beside the other 8-device tests (tests/test_sharded.py).
+@pytest.mark.slow
 def test_data_parallel_steps_on_8_devices_and_on_2_processes_equal_one_device():
     """1 process x 8 devices, and 2 processes x 4 devices (jax.distributed on localhost, each
     with its half of the batch), give the 5 steps of one device: one test, three processes."""

@@ -264,8 +264,8 @@ def _loss_fn(config: Config) -> Any:
         return fwd.loss, _tangent(config, fwd, LossArgs(*primals).arrays(), tangents)
 
     loss_fn.defjvp(loss_jvp, symbolic_zeros=True)
-    # jit: an eager call runs one compiled program instead of dispatching op by op (2-3x faster
-    # on first calls); inside a caller's jit or transformation it is one more nested call.
+    # jit: an eager call runs one compiled program instead of dispatching op by op (faster first
+    # calls); inside a caller's jit or transformation it is one more nested call.
     return jax.jit(loss_fn)
 
 
@@ -306,7 +306,7 @@ def _grad_fn(config: Config) -> Any:
         if _is_zero(tangents[0]):
             dot = jnp.zeros_like(grad)
         else:
-            dot = _curvature(config, False, *primals, tangents[0])
+            dot = _logits_curvature_product(config, False, *primals, tangents[0])
         moving = [i for i in _OTHER_FLOATS if not _is_zero(tangents[i])]
         moving = [i for i in moving if i != _OTHER_FLOATS[0] or config.soft]  # int labels: none
         if moving:
@@ -325,7 +325,7 @@ def _grad_fn(config: Config) -> Any:
     return grad_fn
 
 
-def _curvature(config: Config, ggn: bool, *args: Any) -> jax.Array:
+def _logits_curvature_product(config: Config, ggn: bool, *args: Any) -> jax.Array:
     """The hand-derived Hessian (or GGN) of the reduced loss with respect to ``x``, times ``v``."""
     *primals, v = args
     fwd = _forward(config, *primals, with_grad=False)
@@ -350,7 +350,7 @@ def _curvature(config: Config, ggn: bool, *args: Any) -> jax.Array:
 
 @functools.lru_cache(maxsize=256)
 def _curvature_fn(config: Config, ggn: bool) -> Any:
-    return jax.jit(functools.partial(_curvature, config, ggn))
+    return jax.jit(functools.partial(_logits_curvature_product, config, ggn))
 
 
 def loss_and_logits_grad(

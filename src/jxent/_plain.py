@@ -3,7 +3,7 @@ r"""The plain loss: softmax cross-entropy written the textbook way, with no jxen
 :func:`plain_loss` is the independent side of jxent's checks (``check_grads``, ``jxent check``,
 the demo): ``jax.grad`` of it is JAX's autodiff of ``log_softmax`` and an explicit target, not
 the hand-derived rule that ``jax.grad(jxent.softmax_cross_entropy)`` runs. Nothing under it
-calls jxent: it is written from the conventions the README states, option by option,
+calls jxent: it is written from the conventions docs/loss-options.md states, option by option,
 
 .. math::
 

@@ -223,6 +223,12 @@ def check_grads(
     Returns:
         A :class:`GradCheckReport`; ``str()`` renders a table, ``.raise_if_failed()`` raises.
 
+    Raises:
+        TypeError: A misspelled loss option (naming ``check_grads`` and the closest option).
+        ValueError: ``reduction="none"`` (one loss is checked); ``fd`` not ``"entries"`` or
+            ``"directions"``; anything the loss raises for the labels and options (shapes,
+            ranges), as :func:`jxent.softmax_cross_entropy` words it.
+
     Examples:
         >>> import jax, jax.numpy as jnp, jxent
         >>> from jxent.predictors import linear

@@ -22,7 +22,7 @@ import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -310,12 +310,41 @@ def memory_rows(args: argparse.Namespace, batches: list[int]) -> list[dict[str, 
 # --- the demo ---------------------------------------------------------------------------------
 
 
+class _Data(NamedTuple):
+    """The demo's token streams and what the report says of them."""
+
+    train: np.ndarray
+    val: np.ndarray
+    entropy: float  # unigram entropy of the validation tokens (nats)
+    corpus: dict[str, Any]
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``jxent demo lm``; returns the exit code."""
     _base.require("tokenizers", "tqdm", *([] if args.no_plot else ["matplotlib"]))
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
+    data = _load_data(args)
+    params = _initial_model(args, data.train)
+    history, speed, state = _train(args, data, params)
+    record: dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k != "run"},
+        "corpus": data.corpus,
+        "unigram_entropy": data.entropy,
+        "history": history,
+        "tokens_per_second": speed,
+        "tokens_per_second_per_device": speed / args.devices,
+    }
+    if args.memory:
+        record["step_time"] = _time_heads(args, *state)  # first, on a quiet machine
+        record["step_memory"] = memory_rows(args, [args.batch, 4 * args.batch])
+        _print_memory(record)
+    record["seconds"] = time.perf_counter() - start
+    _write(args, record)
+    return 0
+
+
+def _load_data(args: argparse.Namespace) -> _Data:
+    """The corpus split by path hash, the tokenizer (cached), the encoded streams."""
     root, files = corpus_files(args.corpus)
     train_files, val_files = split(root, files)
     train_texts, val_texts = read_texts(_hash_order(root, train_files)), read_texts(val_files)
@@ -340,11 +369,18 @@ def run(args: argparse.Namespace) -> int:
         f"tokens: {len(train_stream):,} training, {len(val_stream):,} validation; unigram "
         f"entropy of the validation tokens {entropy:.3f} nats (perplexity {math.exp(entropy):.0f})"
     )
+    corpus = {"root": str(root), "train_files": len(train_files), "val_files": len(val_files)}
+    corpus |= {"train_tokens": len(train_stream), "val_tokens": len(val_stream)}
+    return _Data(train_stream, val_stream, entropy, corpus)
+
+
+def _initial_model(args: argparse.Namespace, train_stream: np.ndarray) -> dict:
+    """The transformer's parameters, its output bias at the training tokens' log frequencies."""
     params = init_model(
         jax.random.key(args.seed), args.vocab, args.width, args.layers, args.context
     )
-    # The output bias starts at the training tokens' log frequencies: step 0 is the unigram model
-    # of the training data, and training spends its budget on what context adds.
+    # Step 0 is then the unigram model of the training data, and training spends its budget on
+    # what context adds.
     counts = np.bincount(train_stream, minlength=args.vocab)[: args.vocab] + 1.0
     params["bias"] = jnp.asarray(np.log(counts / counts.sum()), jnp.float32)
     count = sum(a.size for a in jax.tree.leaves(params))
@@ -353,6 +389,13 @@ def run(args: argparse.Namespace) -> int:
         f"{args.context}, {count / 1e6:.1f} M parameters; loss: jxent.linear_cross_entropy "
         f"(ignore_index=<pad>, z_loss={Z_LOSS:g})"
     )
+    return params
+
+
+def _train(args: argparse.Namespace, data: _Data, params: dict) -> tuple[list, float, tuple]:
+    """The training loop: ``(history, tokens per second, (params, last batch))``."""
+    from tqdm.auto import tqdm
+
     optimizer = optimizer_for(args)
     place = _placement(args)
     params = place(params, replicated=True)
@@ -360,31 +403,32 @@ def run(args: argparse.Namespace) -> int:
     step = jax.jit(make_step(optimizer, args.heads, "fused"), donate_argnums=(0, 1))
     evaluate = jax.jit(lambda p, b: lm_loss(p, b, args.heads))
     rng = np.random.default_rng(args.seed)
-    val_batches = [place(b) for b in _validation_batches(val_stream, args)]
+    val_batches = [place(b) for b in _validation_batches(data.val, args)]
     history: list[dict[str, float]] = []
-    tokens_per_step = args.batch * args.context
     train_time = 0.0
     bar = tqdm(range(1, args.steps + 1), desc="training", leave=False, disable=not args.progress)
     for i in bar:
-        starts = rng.integers(0, len(train_stream) - args.context - 1, args.batch)
-        batch = place(jnp.asarray(windows(train_stream, starts, args.context)))
+        starts = rng.integers(0, len(data.train) - args.context - 1, args.batch)
+        batch = place(jnp.asarray(windows(data.train, starts, args.context)))
         t0 = time.perf_counter()
         params, opt_state, loss = step(params, opt_state, batch)
         loss = float(loss)  # waits for the step
         train_time += time.perf_counter() - t0
         if i % args.eval_every == 0 or i == args.steps or i == 1:
             val = float(np.mean([float(evaluate(params, b)) for b in val_batches]))
-            history.append(
-                {
-                    "step": i,
-                    "train_loss": loss,
-                    "val_loss": val,
-                    "val_perplexity": math.exp(val),
-                    "seconds": train_time,
-                }
-            )
+            record = {"step": i, "train_loss": loss, "val_loss": val}
+            history.append(record | {"val_perplexity": math.exp(val), "seconds": train_time})
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val:.3f}")
     bar.close()
+    speed = _report_training(args, history, train_time, data.entropy)
+    return history, speed, (params, batch)
+
+
+def _report_training(
+    args: argparse.Namespace, history: list, train_time: float, entropy: float
+) -> float:
+    """Prints the speed and the validation loss; returns tokens per second (all devices)."""
+    tokens_per_step = args.batch * args.context
     first = history[0]["seconds"]  # the first step includes compilation
     steady = (train_time - first) / (args.steps - 1) if args.steps > 1 else first
     final = history[-1]
@@ -400,25 +444,10 @@ def run(args: argparse.Namespace) -> int:
         f"(perplexity {final['val_perplexity']:.0f}); unigram entropy {entropy:.3f}: "
         + ("below it" if final["val_loss"] < entropy else "NOT below it")
     )
-    record: dict[str, Any] = {
-        "config": {k: v for k, v in vars(args).items() if k != "run"},
-        "corpus": {
-            "root": str(root),
-            "train_files": len(train_files),
-            "val_files": len(val_files),
-            "train_tokens": len(train_stream),
-            "val_tokens": len(val_stream),
-        },
-        "unigram_entropy": entropy,
-        "history": history,
-        "tokens_per_second": speed,
-        "tokens_per_second_per_device": speed / args.devices,
-    }
-    if args.memory:
-        record["step_time"] = _time_heads(args, params, batch)  # first, on a quiet machine
-        record["step_memory"] = memory_rows(args, [args.batch, 4 * args.batch])
-        _print_memory(record)
-    record["seconds"] = time.perf_counter() - start
+    return speed
+
+
+def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "history.json").write_text(json.dumps(record, indent=2))
@@ -427,7 +456,6 @@ def run(args: argparse.Namespace) -> int:
         _plot(record, out / "training.png")
         written.append(out / "training.png")
     print(f"written: {', '.join(map(str, written))} ({record['seconds']:.0f} s in all)")
-    return 0
 
 
 def _placement(args: argparse.Namespace) -> Callable[..., Any]:

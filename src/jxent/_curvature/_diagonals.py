@@ -234,6 +234,11 @@ def ggn_diagonal(predictor: Predictor, **loss_options: Any) -> GGNDiagonalFn:
     Returns:
         ``f(params, x, labels, **options)``: a pytree like ``params``.
 
+    Raises:
+        TypeError: A misspelled loss option (here or in the call).
+        ValueError: (from ``f``) logits whose leading axis is a class axis, no examples, and
+            what the loss raises for its labels and options.
+
     Examples:
         >>> import jax, jax.numpy as jnp, jxent
         >>> from jxent.predictors import linear

@@ -170,7 +170,7 @@ def _draw(
     key = jax.random.wrap_key_data(key_data, impl=impl)
     acc = _head.accumulation_dtype(x, w)
 
-    def body(_: None, c: tuple, pin: jax.Array) -> tuple[None, jax.Array]:
+    def body(_: None, c: tuple, scan_zero: jax.Array) -> tuple[None, jax.Array]:
         x_c, token = c
         # One key per token (its global position): the draw does not depend on the chunking
         # or on how the tokens are sharded.
@@ -189,7 +189,7 @@ def _draw(
         rows = x_c.shape[0]
         best = (jnp.full((rows,), NEG_INF, acc), jnp.zeros((rows,), jnp.int32))
         best = _head.over_blocks(
-            step, (*best, jnp.zeros((rows,), bool)), w.shape[1], sched.block, pin
+            step, (*best, jnp.zeros((rows,), bool)), w.shape[1], sched.block, scan_zero
         )
         return None, jnp.where(best[2], -1, best[1])
 

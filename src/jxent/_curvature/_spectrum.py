@@ -39,7 +39,13 @@ class LanczosResult(NamedTuple):
     vectors: PyTree
 
 
-def lanczos(matvec: Callable[[PyTree], PyTree], v0: PyTree, num_iters: int) -> LanczosResult:
+def lanczos(
+    matvec: Callable[[PyTree], PyTree],
+    v0: PyTree,
+    num_iters: int,
+    *,
+    key: jax.Array | None = None,
+) -> LanczosResult:
     r"""``num_iters`` steps of Lanczos with full reorthogonalisation, on pytrees.
 
     For a symmetric linear map :math:`A` (e.g. a Hessian- or GGN-vector product) and a start
@@ -55,6 +61,9 @@ def lanczos(matvec: Callable[[PyTree], PyTree], v0: PyTree, num_iters: int) -> L
         matvec: :math:`v \mapsto Av`, pytrees like ``v0``; symmetric.
         v0: Start vector (any non-zero pytree of floating leaves).
         num_iters: :math:`m \ge 1`; at most the number of entries of ``v0``.
+        key: PRNG key of the restart directions, drawn (one per step, ``fold_in(key, j)``)
+            only where the Krylov space is exhausted; ``None``: ``jax.random.key(0)``, so a
+            call is deterministic.
 
     Returns:
         :class:`LanczosResult`.
@@ -80,6 +89,7 @@ def lanczos(matvec: Callable[[PyTree], PyTree], v0: PyTree, num_iters: int) -> L
         raise ValueError(f"num_iters must be an int in [1, {size}] (v0's size), found {num_iters}")
     dtype = flat0.dtype
     tol = jnp.finfo(dtype).eps ** 0.75
+    key = jax.random.key(0) if key is None else key
 
     def apply(v: jax.Array) -> jax.Array:
         return ravel_pytree(matvec(unravel(v)))[0].astype(dtype)
@@ -97,7 +107,7 @@ def lanczos(matvec: Callable[[PyTree], PyTree], v0: PyTree, num_iters: int) -> L
         alpha = jnp.vdot(v, w)
         w = orthogonalise(w, basis)  # removes alpha v and beta v_prev too, and rounding
         beta = jnp.linalg.norm(w)
-        fresh = jax.random.normal(jax.random.fold_in(jax.random.key(0), j), (size,), dtype)
+        fresh = jax.random.normal(jax.random.fold_in(key, j), (size,), dtype)
         fresh = orthogonalise(fresh, basis)
         exhausted = beta <= tol * jnp.maximum(scale, jnp.finfo(dtype).tiny)
         nxt = jnp.where(exhausted, fresh / jnp.linalg.norm(fresh), w / beta)

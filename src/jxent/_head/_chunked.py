@@ -94,11 +94,11 @@ def scan_tokens(
     per_token: Any,
     chunk: int,
 ) -> tuple[Any, Any]:
-    """``lax.scan`` of ``body(carry, chunk_inputs, pin) -> (carry, chunk_outputs)`` over chunks.
+    """``lax.scan`` of ``body(carry, chunk, scan_zero) -> (carry, outputs)`` over chunks.
 
     ``per_token`` is a pytree of arrays with the tokens along axis 0 (``None`` leaves allowed);
     each step sees ``chunk`` of them (the last chunk zero-padded: bodies mask padded tokens
-    through their ``counted`` rows). ``pin`` is an int32 zero that comes from the scanned
+    through their ``counted`` rows). ``scan_zero`` is an int32 zero that comes from the scanned
     inputs: add it to block offsets (:func:`over_blocks` does), or JAX's partial evaluation
     sees them as loop-invariant and, under ``jax.grad``, hoists every block of ``W`` out of the
     token loop and stacks them -- a copy of ``W`` or more. Outputs come back ``[N, ...]``.
@@ -115,8 +115,8 @@ def scan_tokens(
         return v.reshape((chunks, chunk, *v.shape[1:]))  # explicit: -1 fails for no tokens
 
     def step(carry: Any, inputs: tuple) -> tuple[Any, Any]:
-        c, pin = inputs
-        return body(carry, c, pin)
+        c, scan_zero = inputs
+        return body(carry, c, scan_zero)
 
     xs = (jax.tree.map(split, per_token), jnp.zeros((chunks,), jnp.int32))
     carry, outs = lax.scan(step, carry, xs)
@@ -124,7 +124,7 @@ def scan_tokens(
 
 
 def over_blocks(
-    step: Callable[[Any, Any, int], Any], carry: Any, num_classes: int, block: int, pin: Any
+    step: Callable[[Any, Any, int], Any], carry: Any, num_classes: int, block: int, scan_zero: Any
 ) -> Any:
     """Folds ``step(carry, start, size)`` over the blocks of ``num_classes`` columns.
 
@@ -134,9 +134,9 @@ def over_blocks(
     block = min(block, num_classes)
     full, rest = divmod(num_classes, block)
     if full == 1 and not rest:
-        return step(carry, pin, block)
-    carry = lax.fori_loop(0, full, lambda j, c: step(c, j * block + pin, block), carry)
-    return step(carry, full * block + pin, rest) if rest else carry
+        return step(carry, scan_zero, block)
+    carry = lax.fori_loop(0, full, lambda j, c: step(c, j * block + scan_zero, block), carry)
+    return step(carry, full * block + scan_zero, rest) if rest else carry
 
 
 class Block(NamedTuple):

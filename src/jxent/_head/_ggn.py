@@ -81,7 +81,7 @@ def linear_cross_entropy_ggn_vector_product(
     It is the head's part of a language model's GGN product: with the body's hidden states
     :math:`x = f(\theta, \text{tokens})`, pass :math:`\dot x = J_f\dot\theta` (``jax.jvp`` or
     ``jax.linearize`` of the body) and pull :math:`g_x` back through the body (its ``jax.vjp``),
-    adding :math:`g_W, g_b` for the head's own parameters; the README shows it for a transformer.
+    adding :math:`g_W, g_b` for the head's own parameters (docs/second-order.md: a transformer).
     ``reduction="none"`` gives the product for the sum of the per-token losses.
 
     Args:
@@ -161,14 +161,14 @@ def _check_tangents(tangents: Any, args: _linear.HeadArgs, has_bias: bool) -> _T
 def _ggn_fn(config: Config, sched: _chunked.Schedule) -> Any:
     def run(args: _linear.HeadArgs, dots: _Tangents) -> tuple[jax.Array, jax.Array, jax.Array]:
         rows = args.rows()
-        a, b_scale, _ = _kernel.row_scales(config, rows, args.weights)
+        ce_weight, z_weight, _ = _kernel.row_scales(config, rows, args.weights)
         roles = _linear.arg_roles(config.soft)
         dot_roles = _Tangents(
             *(None if d is None else r for d, r in zip(dots, roles, strict=False))
         )
         gx, gw, gb = _tokens.over_tokens(
             functools.partial(_scan, config, sched),
-            (args, dots, a, b_scale),
+            (args, dots, ce_weight, z_weight),
             (roles, dot_roles, "T", "T"),
             ("T.", ".V", "V"),
         )
@@ -184,8 +184,8 @@ class _Chunk(NamedTuple):
     labels: jax.Array
     counted: jax.Array
     bad: jax.Array
-    a: jax.Array
-    b_scale: jax.Array
+    ce_weight: jax.Array  # the token's weight of its cross-entropy in the reduction
+    z_weight: jax.Array  # the token's weight of its z-term
     x_dot: jax.Array | None
 
 
@@ -219,8 +219,8 @@ def _scan(
     sched: _chunked.Schedule,
     args: _linear.HeadArgs,
     dots: _Tangents,
-    a: jax.Array,
-    b_scale: jax.Array,
+    ce_weight: jax.Array,
+    z_weight: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(g_x, g_W, g_b)`` of this device's tokens: two passes over the blocks per chunk."""
     x, w = args.x, args.w
@@ -228,7 +228,7 @@ def _scan(
     acc = _chunked.accumulation_dtype(x, w)
     block = functools.partial(_block, config, args, dots)
 
-    def body(sums: dict, c: _Chunk, pin: jax.Array) -> tuple[dict, jax.Array]:
+    def body(sums: dict, c: _Chunk, scan_zero: jax.Array) -> tuple[dict, jax.Array]:
         rows = Rows(c.labels, c.counted, c.bad)
 
         def pass_a(state: tuple, start: Any, size: int) -> tuple:
@@ -240,7 +240,7 @@ def _scan(
 
         zeros = jnp.zeros(c.counted.shape, acc)
         init = (_kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros), zeros)
-        st, tan = _chunked.over_blocks(pass_a, init, num_classes, sched.block, pin)
+        st, tan = _chunked.over_blocks(pass_a, init, num_classes, sched.block, scan_zero)
         empty = _kernel.finish(st)[2]
         rows = rows._replace(bad=rows.bad | (rows.counted & empty))
         p_dot = tan / jnp.where(rows.counted & ~empty, st.se, 1.0)
@@ -255,8 +255,8 @@ def _scan(
                 blk.ds,
                 target,
                 st,
-                c.a,
-                c.b_scale,
+                c.ce_weight,
+                c.z_weight,
                 z_dot,
                 p_dot,
                 ggn=True,
@@ -269,10 +269,10 @@ def _scan(
             }
 
         init = {"gx": jnp.zeros(c.x.shape, acc), **sums}
-        g = _chunked.over_blocks(pass_b, init, num_classes, sched.block, pin)
+        g = _chunked.over_blocks(pass_b, init, num_classes, sched.block, scan_zero)
         return {"gw": g["gw"], "gb": g["gb"]}, g["gx"]
 
-    chunks = _Chunk(x, args.labels, args.counted, args.bad, a, b_scale, dots.x)
+    chunks = _Chunk(x, args.labels, args.counted, args.bad, ce_weight, z_weight, dots.x)
     sums = {"gw": jnp.zeros((dim, num_classes), acc), "gb": jnp.zeros((num_classes,), acc)}
     sums, gx = _chunked.scan_tokens(body, sums, chunks, sched.chunk)
     return gx, sums["gw"], sums["gb"]

@@ -164,7 +164,7 @@ def _zero(t: Any) -> bool:
     return t is None or isinstance(t, SymbolicZero)
 
 
-class _Want(NamedTuple):
+class _Derivatives(NamedTuple):
     """Which derivatives the gradient pass must produce (static)."""
 
     x: bool = False
@@ -201,8 +201,8 @@ class _Chunk(NamedTuple):
     labels: jax.Array
     counted: jax.Array
     bad: jax.Array
-    a: jax.Array  # the row's weight of its cross-entropy in the reduction
-    b_scale: jax.Array  # the row's weight of its z-term
+    ce_weight: jax.Array  # the token's weight of its cross-entropy in the reduction
+    z_weight: jax.Array  # the token's weight of its z-term
     x_dot: jax.Array | None = None
     q_dot: jax.Array | None = None
 
@@ -237,7 +237,7 @@ def _block(head: _Head, c: _Chunk, rows: Rows, start: Any, size: int, dot: bool 
     return blk, target, local, z_dot
 
 
-def _stats_pass(head: _Head, c: _Chunk, rows: Rows, pin: jax.Array) -> _kernel.Stats:
+def _stats_pass(head: _Head, c: _Chunk, rows: Rows, scan_zero: jax.Array) -> _kernel.Stats:
     """Pass A: the chunk's online-softmax statistics over every block (and vocab shard)."""
 
     def fold(st: _kernel.Stats, start: Any, size: int) -> _kernel.Stats:
@@ -246,12 +246,12 @@ def _stats_pass(head: _Head, c: _Chunk, rows: Rows, pin: jax.Array) -> _kernel.S
 
     zeros = jnp.zeros(c.counted.shape, _chunked.accumulation_dtype(c.x, head.args.w))
     init = _kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros)
-    st = _chunked.over_blocks(fold, init, head.args.w.shape[1], head.sched.block, pin)
+    st = _chunked.over_blocks(fold, init, head.args.w.shape[1], head.sched.block, scan_zero)
     return st if head.sched.vocab_axis is None else _merge_shards(st, head.sched.vocab_axis)
 
 
 def _grads_pass(
-    head: _Head, c: _Chunk, rows: Rows, st: _kernel.Stats, want: _Want, sums: dict, pin
+    head: _Head, c: _Chunk, rows: Rows, st: _kernel.Stats, want: _Derivatives, sums: dict, scan_zero
 ) -> tuple[dict, dict]:
     """Pass B: each block's rows of G, into dx, dq (per token) and the sums dW, db, ..."""
     config, x = head.config, c.x
@@ -259,7 +259,9 @@ def _grads_pass(
 
     def fold(g: dict, start: Any, size: int) -> dict:
         blk, target, local, _ = _block(head, c, rows, start, size)
-        grad = _kernel.grad_block(config, rows, local, blk.s, blk.ds, target, st, c.a, c.b_scale)
+        grad = _kernel.grad_block(
+            config, rows, local, blk.s, blk.ds, target, st, c.ce_weight, c.z_weight
+        )
         g, g_in = dict(g), grad.astype(x.dtype)
         if want.x:
             g["dx"] = g["dx"] + _chunked.matmul(g_in, blk.w.T, acc)
@@ -268,7 +270,7 @@ def _grads_pass(
         if want.b:
             g["db"] = _chunked.add_columns(g["db"], jnp.sum(grad, axis=0), start, 0)
         if want.labels or want.weights or want.eps:
-            coef = _kernel.label_coefficients(config, rows, local, blk.s, target, st, c.a)
+            coef = _kernel.label_coefficients(config, rows, local, blk.s, target, st, c.ce_weight)
             if want.labels:
                 g["dq"] = lax.dynamic_update_slice_in_dim(g["dq"], coef.labels, start, 1)
             if want.weights:
@@ -281,21 +283,25 @@ def _grads_pass(
 
     per_token = {"dx": jnp.zeros(x.shape, acc) if want.x else None}
     per_token["dq"] = jnp.zeros((x.shape[0], head.args.w.shape[1]), acc) if want.labels else None
-    g = _chunked.over_blocks(fold, per_token | sums, head.args.w.shape[1], head.sched.block, pin)
+    g = _chunked.over_blocks(
+        fold, per_token | sums, head.args.w.shape[1], head.sched.block, scan_zero
+    )
     return {k: g[k] for k in sums}, {k: g[k] for k in per_token if g[k] is not None}
 
 
-def _tangent_pass(head: _Head, c: _Chunk, rows: Rows, st: _kernel.Stats, pin) -> jax.Array:
+def _tangent_pass(head: _Head, c: _Chunk, rows: Rows, st: _kernel.Stats, scan_zero) -> jax.Array:
     """The per-token tangent ``<G_i, z_dot_i>`` (+ label terms), block by block."""
     config, dots = head.config, head.dots
 
     def contract(c: _Chunk, st: _kernel.Stats, start: Any, size: int) -> jax.Array:
         blk, target, local, z_dot = _block(head, c, rows, start, size, dot=True)
-        grad = _kernel.grad_block(config, rows, local, blk.s, blk.ds, target, st, c.a, c.b_scale)
+        grad = _kernel.grad_block(
+            config, rows, local, blk.s, blk.ds, target, st, c.ce_weight, c.z_weight
+        )
         out = jnp.sum(grad * z_dot, axis=1)
         if _zero(dots.labels) and _zero(dots.weights) and _zero(dots.eps):
             return out
-        coef = _kernel.label_coefficients(config, rows, local, blk.s, target, st, c.a)
+        coef = _kernel.label_coefficients(config, rows, local, blk.s, target, st, c.ce_weight)
         if config.soft and not _zero(dots.labels):
             q_dot_b = lax.dynamic_slice_in_dim(c.q_dot, start, size, axis=1)
             out = out + jnp.sum(coef.labels * q_dot_b, axis=1)
@@ -311,16 +317,16 @@ def _tangent_pass(head: _Head, c: _Chunk, rows: Rows, st: _kernel.Stats, pin) ->
         return t + jax.checkpoint(contract, static_argnums=3)(c, st, start, size)
 
     zeros = jnp.zeros(c.counted.shape, st.se.dtype)
-    return _chunked.over_blocks(fold, zeros, head.args.w.shape[1], head.sched.block, pin)
+    return _chunked.over_blocks(fold, zeros, head.args.w.shape[1], head.sched.block, scan_zero)
 
 
 def _scan(
     config: Config,
     sched: _chunked.Schedule,
-    want: _Want,
+    want: _Derivatives,
     args: HeadArgs,
-    a: jax.Array,
-    b_scale: jax.Array,
+    ce_weight: jax.Array,
+    z_weight: jax.Array,
     dots: HeadArgs | None = None,
 ) -> _Outputs:
     """Per-token losses and what ``want`` asks for, or (``dots``) the per-token tangent.
@@ -338,22 +344,22 @@ def _scan(
     head = _Head(config, sched, args, dots, offset)
     q_dot = dots.labels if dots is not None and config.soft else None
     x_dot = None if dots is None else dots.x
-    chunks = _Chunk(x, args.labels, args.counted, args.bad, a, b_scale, x_dot, q_dot)
+    chunks = _Chunk(x, args.labels, args.counted, args.bad, ce_weight, z_weight, x_dot, q_dot)
     shapes = {"dw": w.shape, "db": w.shape[1:], "dweights": w.shape[1:], "deps": ()}
     sums = {k: jnp.zeros(shapes[k], acc) for k in _SUMS if getattr(want, k[1:])}
 
-    def body(sums: dict, c: _Chunk, pin: jax.Array) -> tuple[dict, dict]:
+    def body(sums: dict, c: _Chunk, scan_zero: jax.Array) -> tuple[dict, dict]:
         rows = Rows(c.labels, c.counted, c.bad)
-        st = _stats_pass(head, c, rows, pin)
+        st = _stats_pass(head, c, rows, scan_zero)
         lse, ce, empty = _kernel.finish(st)
         rows = rows._replace(bad=rows.bad | (rows.counted & empty))
-        loss = _kernel.row_losses(config, rows, args.arrays(), ce, lse, c.a, c.b_scale)
+        loss = _kernel.row_losses(config, rows, args.arrays(), ce, lse, c.ce_weight, c.z_weight)
         out = {"loss": loss, "ce": jnp.where(rows.counted, ce, 0.0), "lse": lse}
         if dots is not None:
-            return sums, out | {"tangent": _tangent_pass(head, c, rows, st, pin)}
+            return sums, out | {"tangent": _tangent_pass(head, c, rows, st, scan_zero)}
         if not any(want):
             return sums, out
-        sums, per_token = _grads_pass(head, c, rows, st, want, sums, pin)
+        sums, per_token = _grads_pass(head, c, rows, st, want, sums, scan_zero)
         return sums, out | per_token
 
     sums, per_token = _chunked.scan_tokens(body, sums, chunks, sched.chunk)
@@ -383,24 +389,24 @@ def _loss_fn(config: Config, sched: _chunked.Schedule) -> Any:
     @jax.custom_jvp
     def loss_fn(*args):
         args = HeadArgs(*args)
-        a, b_scale, _ = _kernel.row_scales(config, args.rows(), args.weights)
-        return _reduce(config, _run(config, sched, _Want(), args, a, b_scale).loss)
+        ce_weight, z_weight, _ = _kernel.row_scales(config, args.rows(), args.weights)
+        return _reduce(config, _run(config, sched, _Derivatives(), args, ce_weight, z_weight).loss)
 
     def loss_jvp(primals, tangents):
         args, dots = HeadArgs(*primals), HeadArgs(*tangents)
         rows = args.rows()
-        a, b_scale, n = _kernel.row_scales(config, rows, args.weights)
+        ce_weight, z_weight, n = _kernel.row_scales(config, rows, args.weights)
         if config.reduction == "none":
-            out = _run(config, sched, _Want(), args, a, b_scale, dots)
+            out = _run(config, sched, _Derivatives(), args, ce_weight, z_weight, dots)
             tangent = out.tangent
         else:
-            want = _Want(
+            want = _Derivatives(
                 *(not _zero(t) for t in (dots.x, dots.w, dots.b)),
                 config.soft and not _zero(dots.labels),
                 not _zero(dots.weights),
                 not _zero(dots.eps),
             )
-            out = _run(config, sched, want, args, a, b_scale)
+            out = _run(config, sched, want, args, ce_weight, z_weight)
             tangent = jnp.zeros((), out.loss.dtype)
             grads = (out.dx, out.dw, out.db, out.dq, out.dweights, out.deps)
             pairs = zip(grads, (*dots[:3], dots.labels, dots.weights, dots.eps), strict=True)
@@ -409,13 +415,13 @@ def _loss_fn(config: Config, sched: _chunked.Schedule) -> Any:
                     tangent = tangent + jnp.sum(grad * dot.astype(grad.dtype))
             if want.weights:
                 d_w = _kernel.weights_denominator_grad(
-                    config, rows, jnp.sum(a * out.ce), _kernel.denominator(rows.counted, n)
+                    config, rows, jnp.sum(ce_weight * out.ce), _kernel.denominator(rows.counted, n)
                 )
                 if d_w is not None:
                     tangent = tangent + jnp.sum(d_w * dots.weights)
         if not _zero(dots.z):
             lse = _kernel.safe_lse(rows, out.lse)
-            z_term = jnp.where(rows.counted, b_scale * lse**2, 0.0) * dots.z
+            z_term = jnp.where(rows.counted, z_weight * lse**2, 0.0) * dots.z
             tangent = tangent + (z_term if config.reduction == "none" else jnp.sum(z_term))
         tangent = jnp.where(
             args.bad if config.reduction == "none" else jnp.any(args.bad), jnp.nan, tangent
@@ -433,10 +439,10 @@ def _reduce(config: Config, per_token: jax.Array) -> jax.Array:
 def _run(
     config: Config,
     sched: _chunked.Schedule,
-    want: _Want,
+    want: _Derivatives,
     args: HeadArgs,
-    a: jax.Array,
-    b_scale: jax.Array,
+    ce_weight: jax.Array,
+    z_weight: jax.Array,
     dots: HeadArgs | None = None,
 ) -> _Outputs:
     """:func:`_scan` on each device's tokens (and vocabulary shard, for the vocab-parallel loss)."""
@@ -455,7 +461,7 @@ def _run(
         present.add("tangent")
     out_roles = _OUTPUT_ROLES._replace(**{k: None for k in _Outputs._fields if k not in present})
     fn = functools.partial(_scan, config, sched, want)
-    operands = (args, a, b_scale, dots)
+    operands = (args, ce_weight, z_weight, dots)
     in_roles = (roles, "T", "T", dot_roles)
     if sched.vocab_axis is not None:
         return _tokens.shard_map_over(

@@ -76,7 +76,7 @@ def mean_denominators(
     the sum over its micro-batches of the ``reduction="sum"`` loss with ``z_loss`` scaled by
     :math:`D_{ce}/D_z`, divided by :math:`D_{ce}` -- and so are its gradients. As
     ``jxent.train.make_step(..., microbatches=k)`` does it; this is for hand-written loops
-    (``jxent.linear_cross_entropy`` over micro-batches of tokens, see the README).
+    (``jxent.linear_cross_entropy`` over micro-batches of tokens: docs/sharded.md).
 
     Args:
         labels: Integer class indices (any shape) or probabilities (classes on the last axis).

@@ -360,6 +360,11 @@ def evaluate(
 
     Returns:
         ``{"loss": float, "accuracy": float, "count": float}``.
+
+    Raises:
+        TypeError: A misspelled loss option.
+        ValueError: ``reduction="none"`` (one loss is reported), and what the loss raises for
+            the labels and options.
     """
     check_option_names(loss_options, "evaluate")
     require_scalar(loss_options, "evaluate")
