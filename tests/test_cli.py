@@ -134,3 +134,33 @@ def test_every_command_on_a_base_install_exits_with_one_line(tmp_path):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]  # the checker needs no extra
+
+
+def test_user_code_outputs_and_rates_that_cannot_work_are_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "intmodel.py").write_text(
+        textwrap.dedent("""
+        import jax.numpy as jnp
+
+        def init(key):
+            return {"w": jnp.ones((4, 3), jnp.int32)}
+
+        def apply(p, x):
+            return x @ p["w"]
+    """)
+    )
+    monkeypatch.chdir(tmp_path)
+    user = ["--predictor", "intmodel:apply", "--init", "intmodel:init", "--features", "4"]
+    for argv, message in [
+        (["check", *user], "parameters must be floating arrays, found int32 at ['w']"),
+        (["check", "--demo-mistakes", *user], "--demo-mistakes shows built-in mistakes"),
+        (["demo", "--out", "/proc/jxent-out"], "cannot write to --out /proc/jxent-out"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert message in err, err
+    for flag in (["demo", "--lr", "0"], ["demo", "--lr", "nan"], ["curvature", "--lr", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(flag)
+        assert exit_info.value.code == 2
+        assert "expected a positive finite number" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import pytest
 
 from _reference import assert_tree_close
 from jxent._cli import _demo_lm, main
+from jxent._cli._base import CommandError
 
 TINY = [
     "--vocab",
@@ -139,10 +140,10 @@ def test_step_memory_is_measured_per_process_for_both_heads():
 
 
 def test_a_missing_corpus_is_named(tmp_path):
-    with pytest.raises(SystemExit, match="is not a folder"):
+    with pytest.raises(CommandError, match="is not a folder"):
         _demo_lm.corpus_files(str(tmp_path / "nothere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match=r"found 0 text file\(s\)"):
+    with pytest.raises(CommandError, match=r"found 0 text file\(s\)"):
         _demo_lm.corpus_files(str(tmp_path / "empty"))
 
 
@@ -152,7 +153,7 @@ def test_bad_corpora_and_flags_get_clear_messages(corpus, tmp_path, capsys):
     (one / "a.py").write_text("print('hello')\n")
     (one / ".git").mkdir()
     (one / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # hidden: not corpus text
-    with pytest.raises(SystemExit, match=r"found 1 text file\(s\).*at least 2"):
+    with pytest.raises(CommandError, match=r"found 1 text file\(s\).*at least 2"):
         _demo_lm.corpus_files(str(one))
     with pytest.raises(SystemExit) as err:
         main(["demo", "lm", "--vocab", "10"])
@@ -176,8 +177,10 @@ def test_bad_corpora_and_flags_get_clear_messages(corpus, tmp_path, capsys):
         "--out",
         str(tmp_path / "o"),
     ]
-    with pytest.raises(SystemExit, match="fewer than one window of --context 64"):
-        main(argv)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jxent demo lm: the training split holds")
+    assert "fewer than one window of --context 64" in err
 
 
 def test_a_one_step_run_reports_its_speed(corpus, tmp_path, capsys):
@@ -255,7 +258,7 @@ def test_data_parallel_run_on_8_devices_has_the_one_device_losses(corpus, tmp_pa
         np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-5)
 
 
-def test_devices_flag_errors_are_one_line(corpus, tmp_path):
+def test_devices_flag_errors_are_one_line(corpus, tmp_path, capsys):
     base = [
         "demo",
         "lm",
@@ -271,5 +274,7 @@ def test_devices_flag_errors_are_one_line(corpus, tmp_path):
         "--steps",
         "1",
     ]
-    with pytest.raises(SystemExit, match="--devices 2 but 1 cpu device is visible"):
-        main([*base, "--devices", "2"])
+    assert main([*base, "--devices", "2"]) == 2
+    assert "--devices 2 but 1 cpu device is visible" in capsys.readouterr().err
+    assert main([*base, "--heads", "3"]) == 2  # width 32
+    assert "--width 32 does not split into --heads 3" in capsys.readouterr().err

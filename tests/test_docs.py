@@ -1,8 +1,8 @@
 """The README and every page under docs/: their Python blocks run as pasted and print what the
 page shows after them, and their relative links point at files that exist.
 
-The documentation site (``mkdocs build --strict``: broken links and anchors fail it) is built
-in the slow tier.
+The docs pages' blocks and the documentation site (``mkdocs build --strict``: broken links and
+anchors fail it) run in the slow tier.
 """
 
 import contextlib
@@ -28,7 +28,11 @@ def test_pages_have_python_blocks():
 
 @pytest.mark.parametrize(
     ("page", "code", "shown"),
-    BLOCKS,
+    # The README's blocks in the default tier; the docs pages' (about 25 s) in the slow tier.
+    [
+        pytest.param(*b, marks=[] if b[0].name == "README.md" else [pytest.mark.slow])
+        for b in BLOCKS
+    ],
     ids=[f"{p.name}-{i}" for i, (p, _, _) in enumerate(BLOCKS)],
 )
 def test_block_runs_and_prints_what_the_page_shows(page, code, shown):

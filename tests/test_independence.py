@@ -119,3 +119,25 @@ def test_checker_is_independent_of_jxents_own_derivative_rules():
     assert res["jxent_kind"] == "SCALED"  # ... as 1.5 x the gradient
     assert res["jxent_scales"] == pytest.approx([1.5, 1.5], rel=1e-6)
     assert res["hand_ok"]  # jxent.grad's cotangent is written by hand, not the custom rule
+
+
+def test_plain_loss_flattens_tuple_axes_in_the_order_given_and_broadcasts_masks(x64, key):
+    """As optax (and jxent) do: axis=(2, 1) flattens axis 2 first; a [1, L] mask broadcasts."""
+    import optax
+
+    import jxent
+
+    k1, k2 = jax.random.split(key)
+    logits = jax.random.normal(k1, (2, 3, 4, 5), jnp.float64)
+    labels = jax.random.randint(k2, (2, 5), 0, 12)
+    moved = jnp.moveaxis(logits, (2, 1), (2, 3)).reshape(2, 5, 12)
+    want = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(moved, labels))
+    np.testing.assert_allclose(plain_loss(logits, labels, axis=(2, 1)), want, rtol=1e-13)
+    flat = jax.random.normal(k1, (6, 4), jnp.float64)
+    mask = jnp.array([[True, True, False, True]])  # [1, L]
+    y = jnp.array([0, 1, 3, 0, 1, 3])
+    np.testing.assert_allclose(
+        plain_loss(flat, y, where=mask),
+        jxent.softmax_cross_entropy(flat, y, where=mask),
+        rtol=1e-13,
+    )

@@ -143,3 +143,52 @@ def test_microbatch_errors_name_both_sizes(key):
             microbatches=4,
             progress=False,
         )
+
+
+def test_stateful_predictor_threads_its_state_through_the_micro_batches(key):
+    """has_aux with microbatches: the state passes through the k micro-batches in order."""
+    params = mlp.init(key, [F, 8, C])
+    x = jax.random.normal(jax.random.fold_in(key, 1), (B, F))
+    y = jax.random.randint(jax.random.fold_in(key, 2), (B,), 0, C)
+
+    def predictor(p, x, count, step_key):
+        return mlp.apply(p, x), count + 1
+
+    opt = optax.sgd(0.5)
+    states = []
+    for k in (1, 4):
+        step = jxent.train.make_step(predictor, opt, has_aux=True, microbatches=k)
+        init = jxent.train.init_state(params, opt, model_state=jnp.zeros(()), key=key)
+        states.append(step(init, x, y)[0])
+    assert float(states[0].model_state) == 1.0
+    assert float(states[1].model_state) == 4.0
+    for a, b in zip(jax.tree.leaves(states[1].params), jax.tree.leaves(states[0].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_per_logit_mask_that_broadcasts_stays_whole(x64, key):
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), mlp.init(key, [F, 8, C]))
+    x, y = _batch(jax.random.fold_in(key, 1))
+    y = jnp.abs(y) % (C - 1)  # no label on the masked class
+    mask = jnp.ones((1, C), bool).at[0, C - 1].set(False)  # [1, C]: every example alike
+    opt = optax.sgd(1.0)
+    whole, _ = jxent.train.make_step(mlp.apply, opt)(
+        jxent.train.init_state(params, opt), x, y, where=mask
+    )
+    micro, _ = jxent.train.make_step(mlp.apply, opt, microbatches=3)(
+        jxent.train.init_state(params, opt), x, y, where=mask
+    )
+    for a, b in zip(jax.tree.leaves(micro.params), jax.tree.leaves(whole.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_mean_denominators_for_probability_labels_on_any_axis_and_bad_masks(x64):
+    q = jnp.full((2, 3, 5), 1 / 3)  # [B, C, H] probabilities, classes on axis 1
+    where = jnp.arange(10).reshape(2, 5) % 3 != 0
+    ce, count = jxent.train.mean_denominators(q, axis=1, where=where)
+    assert float(ce) == float(count) == float(jnp.sum(where))
+    assert float(jxent.train.mean_denominators(q, axis=1)[1]) == 10.0
+    with pytest.raises(ValueError, match=r"where must be shaped like the examples, \(2, 5\)"):
+        jxent.train.mean_denominators(q, axis=1, where=jnp.ones((2, 3), bool))
+    step = jxent.train.make_step(mlp.apply, optax.sgd(0.1), microbatches=np.int64(2))
+    assert callable(step)  # a NumPy integer is an integer

@@ -53,6 +53,8 @@ def test_fused_loss_with_sharded_tokens_equals_one_device_and_keeps_them(measure
 @pytest.mark.parametrize("mesh", MESHES[:4])
 def test_fsdp_w_is_gathered_once_and_ggn_and_samples_follow_the_tokens(measured, mesh):
     m = measured[mesh]
+    assert m["layouts"]["labels_only"] <= FLOAT32_RTOL  # x replicated, labels sharded
+    assert m["layouts"]["x_features"] <= FLOAT32_RTOL  # x sharded on its features
     assert m["fsdp"]["error"] <= FLOAT32_RTOL
     assert m["fsdp"]["gathers"] == [D * L]  # W, once: not per chunk, and never x
     assert m["ggn"]["error"] <= FLOAT32_RTOL

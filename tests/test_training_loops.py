@@ -83,6 +83,7 @@ def test_value_and_grad_has_aux_matches_jax_with_a_flax_batchnorm_dropout_model(
     assert jax.tree.structure(aux) == jax.tree.structure(want_stats)
 
 
+@pytest.mark.slow  # the README command's time budget; the has_aux gradient test stays there
 def test_make_step_trains_a_flax_batchnorm_dropout_model_like_a_plain_loop():
     params, stats, x, y = flax_problem()
     # SGD, not Adam: Adam turns the rounding noise of gradients that are zero in exact

@@ -49,10 +49,11 @@ def plain_loss(
         The loss: a scalar, or per example for ``reduction="none"`` (the batch shape).
     """
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # as the loss computes
     soft = jnp.issubdtype(labels.dtype, jnp.floating)
     x, classes = _classes_last(logits, axis)
     num_classes = x.shape[-1]
-    q = _classes_last(labels, axis)[0] if soft else None
+    q = _classes_last(labels, axis)[0].astype(x.dtype) if soft else None
     counted, logit_mask = _masks(where, logits, axis, x.shape)
     if not soft:
         labels = labels.astype(jnp.int32)
@@ -94,9 +95,9 @@ def _denominator(counted: jax.Array, n: jax.Array) -> jax.Array:
 
 
 def _classes_last(a: jax.Array, axis: int | tuple[int, ...]) -> tuple[jax.Array, tuple[int, ...]]:
-    """``a`` with its class axes moved last and flattened (in order); the flat class shape."""
+    """``a`` with its class axes moved last, in the order given, and flattened (as optax)."""
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    axes = tuple(sorted(ax % a.ndim for ax in axes))
+    axes = tuple(ax % a.ndim for ax in axes)
     moved = jnp.moveaxis(a, axes, tuple(range(a.ndim - len(axes), a.ndim)))
     batch = moved.shape[: a.ndim - len(axes)]
     flat = moved.reshape(*batch, -1)
@@ -111,6 +112,6 @@ def _masks(
     if where is None:
         return jnp.ones(batch, bool), None
     where = jnp.asarray(where, bool)
-    if where.shape == logits.shape:
-        return jnp.ones(batch, bool), _classes_last(where, axis)[0]
-    return where.reshape(batch), None
+    if where.ndim == logits.ndim:  # per logit (it may broadcast, e.g. [1, L])
+        return jnp.ones(batch, bool), _classes_last(jnp.broadcast_to(where, logits.shape), axis)[0]
+    return jnp.broadcast_to(where, batch), None

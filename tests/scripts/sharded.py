@@ -102,6 +102,19 @@ def head_cases(mesh):
     return out
 
 
+def other_layouts(mesh):
+    """x replicated beside sharded labels; x sharded on its features: whole rows all the same."""
+    fn = head_loss("mean")
+    ref = fn(x, w, bias, y)
+    tokens, features = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "data"))
+    labels_only = (x, w, bias, jax.device_put(y, tokens))
+    x_features = (jax.device_put(x, features), w, bias, y)
+    return {
+        "labels_only": max_error(fn(*labels_only), ref),
+        "x_features": max_error(fn(*x_features), ref),
+    }
+
+
 def fsdp_w(mesh):
     """``W`` sharded FSDP-style ``P("data", None)``: gathered once per call, never per chunk."""
     fn = head_loss("mean")

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -58,6 +59,30 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """``argparse`` type of a rate: a finite float > 0 (a learning rate of 0 or nan trains not)."""
+    value = float(text)
+    if not (np.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, found {text}")
+    return value
+
+
+def output_folder(path: str) -> Path:
+    """``path`` created (with its parents), or a one-line :class:`CommandError` saying why not.
+
+    Called before a command's work, so an unwritable ``--out`` fails at once, not at the end.
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".jxent-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise CommandError(f"cannot write to --out {path}: {first_line(err)}") from err
+    return folder
 
 
 def at_least_two(text: str) -> int:
@@ -115,6 +140,14 @@ def user_model(args: argparse.Namespace) -> tuple[Callable[..., Any], Any, jax.A
     x = jax.random.normal(k_x, (args.batch, args.features))
     try:
         params = init(k_init)
+        leaves = jax.tree_util.tree_leaves_with_path(params)
+        for path, leaf in leaves:
+            if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+                where = jax.tree_util.keystr(path) or "params"
+                raise TypeError(
+                    f"parameters must be floating arrays, found {jnp.asarray(leaf).dtype} at "
+                    f"{where}"
+                )
         logits = jax.eval_shape(lambda p, x: logits_only(apply(p, x)), params, x)
         if len(logits.shape) != 2 or logits.shape[0] != args.batch:
             raise ValueError(

@@ -79,6 +79,10 @@ def _demo_mistakes() -> bool:
 def run(args: argparse.Namespace) -> int:
     """Runs ``jxent check``; returns the exit code (1: a check failed)."""
     if args.demo_mistakes:
+        if args.predictor or args.init:
+            raise _base.CommandError(
+                "--demo-mistakes shows built-in mistakes: it takes no --predictor"
+            )
         return 0 if _demo_mistakes() else 1
     if args.predictor or args.init:
         return 0 if _check_user(args) else 1

@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise _base.CommandError(
             f"--k {args.k} needs at least as many Lanczos steps: --iters {args.iters}"
         )
+    _base.output_folder(args.out)
     start = time.perf_counter()
     apply, params, x_train, y_train, (x, y) = _data(args)
     size = sum(a.size for a in jax.tree.leaves(params))
@@ -182,7 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _positive = _base.positive
     parser.add_argument("--epochs", type=_positive, default=10, help="training epochs (10)")
     parser.add_argument("--hidden", type=_positive, default=64, help="demo MLP width (64)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (3e-3)")
+    parser.add_argument(
+        "--lr", type=_base.positive_float, default=3e-3, help="Adam learning rate (3e-3)"
+    )
     parser.add_argument("--batch", type=_positive, default=512, help="examples analysed (512)")
     parser.add_argument("--k", type=_positive, default=5, help="top eigenvalues (5)")
     parser.add_argument("--iters", type=_positive, default=40, help="Lanczos steps (40)")

@@ -23,6 +23,7 @@ from jxent.train import fit
 def run(args: argparse.Namespace) -> int:
     """Runs the demo; returns the exit code (1 if the gradient check fails)."""
     (x_train, y_train), (x_test, y_test) = load_digits_split(args.seed)
+    _base.output_folder(args.out)
     params = mlp.init(jax.random.key(args.seed), [x_train.shape[1], args.hidden, 10])
     print(f"digits: {len(x_train)} training and {len(x_test)} test images of 8x8 pixels")
     print(f"\n1. Hand-derived gradient of the MLP 64-{args.hidden}-10 on 64 training images, vs")
@@ -117,7 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hidden", type=_base.positive, default=128, help="hidden width (default 128)"
     )
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (3e-3)")
+    parser.add_argument(
+        "--lr", type=_base.positive_float, default=3e-3, help="Adam learning rate (3e-3)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of split, init, shuffling")
     parser.add_argument("--out", default="jxent-demo", help="output folder (jxent-demo)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")

@@ -50,12 +50,12 @@ def corpus_files(corpus: str | None) -> tuple[Path, list[Path]]:
     else:
         root = Path(corpus)
         if not root.is_dir():
-            raise SystemExit(f"jxent demo lm: --corpus {corpus!r} is not a folder")
+            raise _base.CommandError(f"--corpus {corpus!r} is not a folder")
         hidden = lambda p: any(part.startswith(".") for part in p.relative_to(root).parts)  # noqa: E731
         files = sorted(p for p in root.rglob("*") if p.is_file() and not hidden(p))
     if len(files) < 2:
-        raise SystemExit(
-            f"jxent demo lm: found {len(files)} text file(s) in {root}; the split needs at least "
+        raise _base.CommandError(
+            f"found {len(files)} text file(s) in {root}; the split needs at least "
             "2 (one for training, one for validation)"
         )
     return root, files
@@ -322,6 +322,8 @@ class _Data(NamedTuple):
 def run(args: argparse.Namespace) -> int:
     """Runs ``jxent demo lm``; returns the exit code."""
     _base.require("tokenizers", "tqdm", *([] if args.no_plot else ["matplotlib"]))
+    _check_flags(args)
+    _base.output_folder(args.out)
     start = time.perf_counter()
     data = _load_data(args)
     params = _initial_model(args, data.train)
@@ -343,6 +345,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """What the flags must satisfy together, checked before any work; sets ``args.devices``."""
+    if args.width % args.heads:
+        raise _base.CommandError(
+            f"--width {args.width} does not split into --heads {args.heads} attention heads"
+        )
+    visible = jax.device_count()
+    args.devices = visible if args.devices is None else args.devices
+    if args.devices > visible:
+        raise _base.CommandError(
+            f"--devices {args.devices} but {visible} {jax.default_backend()} "
+            f"device{'s are' if visible > 1 else ' is'} visible"
+        )
+    if args.batch % args.devices:
+        raise _base.CommandError(
+            f"--batch {args.batch} sequences do not split over --devices "
+            f"{args.devices}: make the batch a multiple of the device count"
+        )
+
+
 def _load_data(args: argparse.Namespace) -> _Data:
     """The corpus split by path hash, the tokenizer (cached), the encoded streams."""
     root, files = corpus_files(args.corpus)
@@ -360,8 +382,8 @@ def _load_data(args: argparse.Namespace) -> _Data:
     train_stream = encode(tokenizer, _prefix(train_texts, needed))
     val_stream = encode(tokenizer, val_texts)
     if len(train_stream) <= args.context + 1:
-        raise SystemExit(
-            f"jxent demo lm: the training split holds {len(train_stream)} tokens, fewer than one "
+        raise _base.CommandError(
+            f"the training split holds {len(train_stream)} tokens, fewer than one "
             f"window of --context {args.context} + 1; use a larger --corpus or a shorter --context"
         )
     entropy = unigram_entropy(val_stream)
@@ -462,20 +484,9 @@ def _placement(args: argparse.Namespace) -> Callable[..., Any]:
     """Where arrays go: data parallel over ``--devices`` (all visible ones by default).
 
     Batches are sharded over a ``"data"`` axis of a ``jax.make_mesh`` mesh (Explicit axes), the
-    rest replicated; on one device arrays stay where they are. Sets ``args.devices``.
+    rest replicated; on one device arrays stay where they are (``args.devices``, checked by
+    :func:`_check_flags`).
     """
-    visible = jax.device_count()
-    args.devices = visible if args.devices is None else args.devices
-    if args.devices > visible:
-        raise SystemExit(
-            f"jxent demo lm: --devices {args.devices} but {visible} {jax.default_backend()} "
-            f"device{'s are' if visible > 1 else ' is'} visible"
-        )
-    if args.batch % args.devices:
-        raise SystemExit(
-            f"jxent demo lm: --batch {args.batch} sequences do not split over --devices "
-            f"{args.devices}: make the batch a multiple of the device count"
-        )
     if args.devices == 1:
         return lambda tree, replicated=False: tree
     mesh = jax.make_mesh((args.devices,), ("data",), devices=jax.devices()[: args.devices])
@@ -496,7 +507,7 @@ def _validation_batches(stream: np.ndarray, args: argparse.Namespace) -> list[ja
     per = args.context + 1
     count = min(len(stream) // per, args.batch * args.eval_batches)
     if count == 0:
-        raise SystemExit("jxent demo lm: the validation split is shorter than one context")
+        raise _base.CommandError("the validation split is shorter than one context")
     rows = stream[: count * per].reshape(count, per)
     return [jnp.asarray(rows[i : i + args.batch]) for i in range(0, count, args.batch)]
 
@@ -582,7 +593,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=_positive, default=128, help="context length (128)")
     parser.add_argument("--batch", type=_positive, default=16, help="sequences per step (16)")
     parser.add_argument("--steps", type=_positive, default=80, help="training steps (80)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate (1e-2)")
+    parser.add_argument(
+        "--lr", type=_base.positive_float, default=1e-2, help="peak AdamW learning rate (1e-2)"
+    )
     parser.add_argument("--eval-every", type=_positive, default=20, help="steps between evals (20)")
     parser.add_argument("--eval-batches", type=_positive, default=8, help="validation batches (8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init and batches")

@@ -110,8 +110,9 @@ def linear_sample_labels(
     standard Gumbel noise :math:`g` give the block's best :math:`s_l + g_l`; the running best
     over blocks is the draw. Buffers are ``[chunk_size, vocab_block_size]``. The noise differs
     from :func:`sample_labels`'s (other shapes, other keys), so the two agree in distribution,
-    not draw by draw. Deterministic for a given key and schedule. A token with a NaN logit gets
-    label -1, as in :func:`sample_labels`.
+    not draw by draw. Deterministic for a given key and ``vocab_block_size``: the same draw
+    for any ``chunk_size`` and any sharding of the tokens (one key per token). A token with a
+    NaN logit gets label -1, as in :func:`sample_labels`.
 
     Args:
         key: PRNG key.
@@ -172,7 +173,7 @@ def _draw(
 
     def body(_: None, c: tuple, scan_zero: jax.Array) -> tuple[None, jax.Array]:
         x_c, token = c
-        # One key per token (its global position): the draw does not depend on the chunking
+        # One key per token (its global position): the draw does not depend on chunk_size
         # or on how the tokens are sharded.
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, token)
 

@@ -77,6 +77,15 @@ def vocab_parallel_token_axes(x: jax.Array, mesh: Any, vocab_axis: str) -> tuple
     return others if x.shape[0] % math.prod(mesh.shape[a] for a in others) == 0 else ()
 
 
+def _explicit_mesh(leaves: list) -> Any:
+    """The mesh of the first leaf whose type carries Explicit mesh axes, or None."""
+    for v in leaves:
+        mesh = jax.typeof(v).sharding.mesh
+        if not mesh.empty and any(t == AxisType.Explicit for t in mesh.axis_types):
+            return mesh
+    return None
+
+
 def _has_auto_axes(x: jax.Array) -> bool:
     mesh = jax.typeof(x).sharding.mesh
     return not mesh.empty and any(t == AxisType.Auto for t in mesh.axis_types) and mesh.size > 1
@@ -124,18 +133,22 @@ def over_tokens(
 ) -> Any:
     """``fn(*args)``, each device running it on its own tokens when they are sharded.
 
-    ``args`` is a tuple of pytrees (``None`` leaves allowed) described by ``in_roles``; the
-    first leaf with a ``"T"`` role decides the tokens' sharding (``x``). ``fn`` must treat
+    ``args`` is a tuple of pytrees (``None`` leaves allowed) described by ``in_roles``. On an
+    Explicit mesh the first per-token leaf sharded over its token axis decides the axes (``x``,
+    else the labels or mask), and every input is laid out as its role says -- a replicated
+    ``x`` beside sharded labels is sliced, a feature-sharded ``x`` gathered -- so ``fn`` always
+    sees whole rows. On an Auto mesh the first per-token leaf (``x``) decides. ``fn`` must treat
     tokens independently; outputs without a ``"T"`` in ``out_roles`` must be sums over tokens.
     ``transposable``: the result must be linear-transposable (a tangent map JAX transposes for
     reverse mode), which the Auto-axes rule is not: there XLA partitions ``fn`` by itself.
     """
     leaves, roles = jax.tree.leaves(args), jax.tree.leaves(in_roles)
-    x = next(v for v, r in zip(leaves, roles, strict=True) if r.startswith("T"))
-    axes = explicit_token_axes(x)
-    if axes:
-        mesh = jax.typeof(x).sharding.mesh
+    per_token = [v for v, r in zip(leaves, roles, strict=True) if r.startswith("T")]
+    mesh = _explicit_mesh(leaves)
+    if mesh is not None:
+        axes = next((a for a in map(explicit_token_axes, per_token) if a), ())
         return shard_map_over(fn, args, in_roles, out_roles, mesh, axes)
+    x = per_token[0]
     if _has_auto_axes(x) and not transposable:
         return _auto_partitioned(fn, args, in_roles, out_roles)
     return fn(*args)

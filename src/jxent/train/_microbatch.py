@@ -18,6 +18,7 @@ every micro-batch.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,9 +34,10 @@ PyTree = Any
 
 def check_count(microbatches: Any) -> int:
     """``microbatches`` as a positive int, or a ValueError naming it."""
-    if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+    integral = isinstance(microbatches, numbers.Integral) and not isinstance(microbatches, bool)
+    if not integral or microbatches < 1:
         raise ValueError(f"microbatches must be a positive int, found {microbatches!r}")
-    return microbatches
+    return int(microbatches)  # np.int64 too
 
 
 def check_divides(batch_size: int, microbatches: int) -> None:
@@ -61,6 +63,7 @@ def split(tree: PyTree, microbatches: int) -> PyTree:
 def mean_denominators(
     labels: jax.typing.ArrayLike,
     *,
+    axis: int | tuple[int, ...] = -1,
     weights: jax.typing.ArrayLike | None = None,
     where: jax.typing.ArrayLike | None = None,
     ignore_index: int | None = None,
@@ -79,15 +82,22 @@ def mean_denominators(
     (``jxent.linear_cross_entropy`` over micro-batches of tokens: docs/sharded.md).
 
     Args:
-        labels: Integer class indices (any shape) or probabilities (classes on the last axis).
+        labels: Integer class indices (any shape: the examples) or probabilities (classes on
+            ``axis``, as given to the loss).
+        axis: The class axis (or axes) of probability labels, as given to the loss.
         weights: Class weights ``[L]`` as given to the loss, or None.
-        where: Boolean mask shaped like integer labels (the examples), or None.
+        where: Boolean mask of the examples (the labels' shape without the class axes), or
+            None. A per-logit mask needs the logits: ``make_step(..., microbatches=k)`` takes
+            it.
         ignore_index: As given to the loss, or None.
 
     Returns:
         ``(ce_denominator, z_denominator)``, float32 scalars (float64 under x64): 1 when no
         example counts; ``ce_denominator`` NaN when examples count but their class weights sum
         to 0 (the loss is NaN then too, as in PyTorch).
+
+    Raises:
+        ValueError: ``where`` not shaped like the examples.
 
     Examples:
         >>> import jax.numpy as jnp, jxent
@@ -97,7 +107,15 @@ def mean_denominators(
     """
     labels = jnp.asarray(labels)
     soft = jnp.issubdtype(labels.dtype, jnp.floating)
-    shape = labels.shape[:-1] if soft else labels.shape
+    shape = labels.shape
+    if soft:
+        axes = {a % labels.ndim for a in ((axis,) if isinstance(axis, int) else axis)}
+        shape = tuple(d for i, d in enumerate(labels.shape) if i not in axes)
+    if where is not None and jnp.shape(where) != shape:
+        raise ValueError(
+            f"where must be shaped like the examples, {shape} for labels of shape "
+            f"{labels.shape}, found {jnp.shape(where)}"
+        )
     counted = jnp.ones(shape, bool) if where is None else jnp.asarray(where, bool)
     n = jnp.ones(shape, jnp.promote_types(jnp.float32, jnp.result_type(float)))
     if not soft:

@@ -262,8 +262,14 @@ def make_step(
         return new, metrics
 
     def _micro_step(state, x, labels, options, key) -> _microbatch.Totals:
-        _microbatch.check_divides(jnp.shape(labels)[0], microbatches)
-        per_example = {k: v for k, v in options.items() if k == "where" and jnp.ndim(v) > 0}
+        rows = jnp.shape(labels)[0]
+        _microbatch.check_divides(rows, microbatches)
+        # A mask with the batch's leading axis splits with it; one that broadcasts ([1, L]) stays.
+        per_example = {
+            k: v
+            for k, v in options.items()
+            if k == "where" and jnp.ndim(v) > 0 and jnp.shape(v)[0] == rows
+        }
         rest = {k: v for k, v in options.items() if k not in per_example}
         shared = merged(loss_options, rest, "step")
 
@@ -271,8 +277,9 @@ def make_step(
             sub_key = None if key is None else jax.random.fold_in(key, index)
             return grads_and_metrics(params, x, labels, options, model_state, sub_key)
 
-        def predict(params, x, model_state):
-            return stateful(params, x, model_state, key)
+        def predict(params, x, model_state):  # the logits (their shape is what is used)
+            out = stateful(params, x, model_state, key)
+            return out[0] if has_aux else out
 
         return _microbatch.accumulate(
             grad_fn,
