@@ -227,6 +227,7 @@ def main():
         results[name] = {
             "head": head_cases(mesh),
             "fsdp": fsdp_w(mesh),
+            "layouts": other_layouts(mesh),
             **ggn_and_samples(mesh),
             "steps": steps(mesh),
         }
