@@ -45,8 +45,15 @@ def wrong(apply, transform, **options):
     return grad_fn
 
 
-@pytest.mark.parametrize("name", PREDICTORS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    # float32 for every predictor, float64 for the linear one; the rest in the slow tier
+    [(n, jnp.float32) for n in PREDICTORS]
+    + [
+        pytest.param(n, jnp.float64, marks=[] if n == "linear" else [pytest.mark.slow])
+        for n in PREDICTORS
+    ],
+)
 def test_correct_gradient_passes_at_default_tolerances(name, dtype):
     with jax.enable_x64(dtype == jnp.float64):
         apply, params, x, y = instance(name, dtype)
@@ -133,7 +140,9 @@ def test_only_some_leaves_wrong_names_them(name):
     assert "-1 x the gradient" in report.diagnosis.message
 
 
-@pytest.mark.parametrize("name", PREDICTORS)
+@pytest.mark.parametrize(
+    "name", [n if n == "linear" else pytest.param(n, marks=pytest.mark.slow) for n in PREDICTORS]
+)
 def test_float32_noise_is_noted_for_a_correct_float32_gradient(name):
     apply, params, x, y = instance(name)
     report = jxent.check_grads(jxent.grad(apply), apply, params, x, y)
@@ -277,7 +286,16 @@ def test_console_script_imports_the_users_module_from_the_current_directory(tmp_
 
 @pytest.mark.parametrize(
     ("name", "dtype", "rtol", "step"),
-    [(name, jnp.bfloat16, 2.0**-4, "0.01") for name in PREDICTORS]
+    [
+        pytest.param(
+            name,
+            jnp.bfloat16,
+            2.0**-4,
+            "0.01",
+            marks=[] if name == "linear" else [pytest.mark.slow],
+        )
+        for name in PREDICTORS
+    ]
     + [("mlp", jnp.float16, 2.0**-7, "0.001")],
 )
 def test_correct_16_bit_gradient_passes_with_defaults_and_a_sign_flip_fails(

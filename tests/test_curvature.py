@@ -233,10 +233,20 @@ def _setup(key, name, soft, opts):
     return params, apply, x, labels, v, _options(opts, weights, soft)
 
 
-@pytest.mark.parametrize(("opts", "soft"), _with_label_kinds(PREDICTOR_OPTIONS))
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[pytest.mark.slow] if n == "mlp" else []) for n in PREDICTORS]
-)
+def _predictor_grid():
+    """Every predictor with every option set; in the default tier the linear predictor with all
+    of them and the others with the all-options set (the rest: the slow tier, time budget)."""
+    out = []
+    for name in PREDICTORS:
+        for case in _with_label_kinds(PREDICTOR_OPTIONS):
+            opts, soft = case.values
+            quick = name == "linear" or (name != "mlp" and opts is PREDICTOR_OPTIONS[-1])
+            marks = [] if quick else [pytest.mark.slow]
+            out.append(pytest.param(name, opts, soft, marks=marks, id=f"{name}-{case.id}"))
+    return out
+
+
+@pytest.mark.parametrize(("name", "opts", "soft"), _predictor_grid())
 def test_predictor_products_match_dense_references(x64, key, name, opts, soft):
     params, apply, x, labels, v, (opts, _) = _setup(key, name, soft, opts)
     reduction = opts.pop("reduction", "mean")

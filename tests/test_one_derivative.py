@@ -222,7 +222,10 @@ def _public_losses(reduction, labels, opts):
     return {"softmax_cross_entropy": materialised, "linear_cross_entropy": chunked}
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "reduction",
+    ["mean", pytest.param("none", marks=pytest.mark.slow)],  # time budget
+)
 @pytest.mark.parametrize("soft", [False, True], ids=["int", "soft"])
 def test_jvp_jacfwd_hessian_linearize_vmap(x64, key, reduction, soft):
     x, labels, weights = _problem(key, soft)

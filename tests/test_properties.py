@@ -66,9 +66,20 @@ def build(spec):
     return jnp.asarray(logits), jnp.asarray(labels), {**opts, **arrays}
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=8, deadline=None)  # 24 more in the slow tier (the time budget)
 @given(problems())
 def test_hand_gradient_matches_autodiff_everywhere(spec):
+    _check_hand_gradient(spec)
+
+
+@pytest.mark.slow
+@settings(max_examples=24, deadline=None)
+@given(problems())
+def test_hand_gradient_matches_autodiff_everywhere_more_examples(spec):
+    _check_hand_gradient(spec)
+
+
+def _check_hand_gradient(spec):
     with jax.enable_x64(True):
         logits, labels, opts = build(spec)
         # Jitted as a whole: eager op-by-op dispatch compiles every op for every new shape.
