@@ -171,12 +171,35 @@ def cap(config: Config, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
 
 
 class Target(NamedTuple):
-    """A block of the effective target and the pieces its derivatives need."""
+    r"""A block of the effective target :math:`t = w\odot((1-\varepsilon)q + \tfrac{\varepsilon}{L}[s>-\infty])`.
 
-    t: jax.Array  # w * t0
-    t0: jax.Array  # (1 - eps) q + eps / L [s > -inf], before class weights
-    q0: jax.Array  # q: one-hot or the given probabilities
-    w: jax.Array | None  # the block's class weights [1, size], or None
+    Kept in pieces so that XLA fuses it into its consumers: for integer labels the one-hot
+    :math:`q` is never a buffer -- the label's column is ``hit`` (an iota compare inside each
+    fusion) carrying ``label_mass`` :math:`w_y(1-\varepsilon)`, and the row sums over the target
+    are a gather (:func:`block_stats`). :func:`dense` writes the whole block when a consumer
+    needs it (the label derivatives, curvature products).
+
+    Attributes:
+        hit: ``bool [R, size]``: the label's column (integer labels), else None.
+        in_block: ``bool [R]``: the label lies in this block (integer labels), else None.
+        label_index: ``int32 [R]``: the label's column within the block, clipped (integer).
+        label_mass: ``[R]``: :math:`w_y(1-\varepsilon)` when the label is in the block, else 0
+            (integer labels; None when it is 1: no class weights, no smoothing).
+        q: Probabilities ``[R, size]`` (probability labels), else None.
+        weights: The block's class weights ``[1, size]``, or None.
+        smooth: :math:`\tfrac{\varepsilon}{L}[s>-\infty]` ``[R, size]`` before class weights,
+            or None without label smoothing.
+        eps: The label smoothing (0 without it).
+    """
+
+    hit: jax.Array | None
+    in_block: jax.Array | None
+    label_index: jax.Array | None
+    label_mass: jax.Array | None
+    q: jax.Array | None
+    weights: jax.Array | None
+    smooth: jax.Array | None
+    eps: Any
 
 
 def target_block(
@@ -197,21 +220,51 @@ def target_block(
         s: The block's (capped, masked) scores.
         start: The global class index of the block's first column (integer labels).
     """
-    if config.soft:
-        q0 = labels.astype(s.dtype)
-    else:
-        # One row of column numbers, broadcast in the comparison: XLA hoists a full-size iota
-        # out of the block loop and materialises it.
-        columns = lax.broadcasted_iota(jnp.int32, (1, s.shape[1]), 1) + start
-        q0 = (columns == labels[:, None]).astype(s.dtype)
-    t0 = q0
+    size = s.shape[1]
+    w = None if weights is None else weights[None, :]
+    smooth = None
     if config.has_smoothing:
         smooth = jnp.where(s == NEG_INF, 0.0, eps / config.num_classes)
-        t0 = (1.0 - eps) * q0 + smooth
-    if weights is None:
-        return Target(t0, t0, q0, None)
-    w = weights[None, :]
-    return Target(t0 * w, t0, q0, w)
+    eps = eps if config.has_smoothing else 0.0
+    if config.soft:
+        return Target(None, None, None, None, labels.astype(s.dtype), w, smooth, eps)
+    local = labels - start
+    in_block = (local >= 0) & (local < size)
+    index = jnp.clip(local, 0, size - 1)
+    # One row of column numbers, broadcast in the comparison: XLA hoists a full-size iota out
+    # of the block loop and materialises it.
+    hit = lax.broadcasted_iota(jnp.int32, (1, size), 1) == local[:, None]
+    mass = None
+    if config.has_weights or config.has_smoothing:
+        mass = jnp.where(in_block, 1.0 - eps, 0.0).astype(s.dtype)
+        if weights is not None:
+            mass = mass * jnp.take(weights, index, mode="clip")
+    return Target(hit, in_block, index, mass, None, w, smooth, eps)
+
+
+def dense(target: Target, dtype: Any) -> jax.Array:
+    """The target block ``t`` ``[R, size]`` as one array."""
+    if target.q is not None:
+        t = (1.0 - target.eps) * target.q
+        if target.smooth is not None:
+            t = t + target.smooth
+        return t if target.weights is None else t * target.weights
+    mass = jnp.ones(target.hit.shape[:1], dtype) if target.label_mass is None else target.label_mass
+    t = jnp.where(target.hit, mass[:, None], 0.0).astype(dtype)
+    if target.smooth is not None:
+        smooth = target.smooth if target.weights is None else target.smooth * target.weights
+        t = t + smooth
+    return t
+
+
+def before_weights(target: Target, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    r"""``(t0, q)``: the target before class weights, :math:`(1-\varepsilon)q + \varepsilon/L`, and q."""
+    if target.q is not None:
+        q = target.q
+    else:
+        q = (target.hit & target.in_block[:, None]).astype(dtype)
+    t0 = (1.0 - target.eps) * q
+    return (t0 if target.smooth is None else t0 + target.smooth), q
 
 
 class Stats(NamedTuple):
@@ -227,19 +280,44 @@ class Stats(NamedTuple):
 
 
 def reference(m: jax.Array) -> jax.Array:
-    """The shift the statistics are taken relative to: the max, or 0 for an empty row."""
-    return jnp.where(m == NEG_INF, 0.0, m)
+    """The shift the statistics are taken relative to: the max, clamped finite for an empty row.
+
+    A clamp, not a select on ``m == -inf``: XLA fuses the max, the shift, the exponential and
+    the sum into one pass over the block only through an elementwise ``maximum``.
+    """
+    return jnp.maximum(m, jnp.finfo(m.dtype).min)
 
 
-def block_stats(s: jax.Array, t: jax.Array) -> Stats:
-    """Statistics of one block ``s, t`` ``[R, size]``; the max is constant for autodiff."""
+def block_stats(s: jax.Array, target: Target) -> Stats:
+    r"""Statistics of one block ``s`` ``[R, size]`` and its target; the max is constant for autodiff.
+
+    Integer labels take the label's score by a gather (no one-hot): :math:`\sum_l t_l(s_l -
+    \mathrm{ref}) = w_y(1-\varepsilon)(s_y - \mathrm{ref})` plus the smoothing's sum.
+    """
     m = lax.stop_gradient(jnp.max(s, axis=-1))
-    rel = s - reference(m)[:, None]
-    # Guarded on s, not on t: the derivative with respect to t (class weights at 0, a hessian)
-    # must survive; target mass on a -inf score makes the row's loss +inf.
-    tds = jnp.sum(t * jnp.where(s == NEG_INF, 0.0, rel), axis=-1)
-    tds = jnp.where(jnp.any((s == NEG_INF) & (t != 0), axis=-1), NEG_INF, tds)
-    return Stats(m, jnp.sum(jnp.exp(rel), axis=-1), tds, jnp.sum(t, axis=-1))
+    ref = reference(m)
+    rel = s - ref[:, None]
+    se = jnp.sum(jnp.exp(rel), axis=-1)
+    if target.q is not None:
+        t = dense(target, s.dtype)
+        # Guarded on s, not on t: the derivative with respect to t (class weights at 0, a
+        # hessian) must survive; target mass on a -inf score makes the row's loss +inf.
+        tds = jnp.sum(jnp.where(s == NEG_INF, jnp.where(t != 0, NEG_INF, 0.0), t * rel), axis=-1)
+        return Stats(m, se, tds, jnp.sum(t, axis=-1))
+    s_y = jnp.take_along_axis(s, target.label_index[:, None], axis=1, mode="clip")[:, 0]
+    if target.label_mass is None:
+        tsum = target.in_block.astype(s.dtype)
+        tds = jnp.where(target.in_block, s_y - ref, 0.0)
+    else:
+        tsum = target.label_mass
+        # Guarded on s_y, not on the mass: its derivative (class weights at 0) must survive.
+        masked = jnp.where(tsum != 0, NEG_INF, 0.0)
+        tds = jnp.where(s_y == NEG_INF, masked, tsum * (s_y - ref))
+    if target.smooth is not None:
+        smooth = target.smooth if target.weights is None else target.smooth * target.weights
+        tsum = tsum + jnp.sum(smooth, axis=-1)
+        tds = tds + jnp.sum(jnp.where(s == NEG_INF, 0.0, smooth * rel), axis=-1)
+    return Stats(m, se, tds, tsum)
 
 
 def rebase(stats: Stats, m: jax.Array) -> Stats:
@@ -315,8 +393,10 @@ def grad_block(
 def probabilities(rows: Rows, s: jax.Array, stats: Stats) -> jax.Array:
     """:math:`p` on a block from the whole row's statistics; 0 in rows that do not count."""
     # p = exp((s - ref) - log se): s - lse would round lse's low digits away (p near 1).
+    # Written -(ref - s): the same value as the statistics' s - ref but not the same HLO, so
+    # XLA does not merge the two into one [R, L] buffer; each pass recomputes it in registers.
     log_se = jnp.where(rows.counted, jnp.log(stats.se), jnp.inf)
-    return jnp.exp(s - reference(stats.m)[:, None] - log_se[:, None])
+    return jnp.exp(s + (-reference(stats.m))[:, None] - log_se[:, None])
 
 
 def score_grad(
@@ -333,7 +413,19 @@ def score_grad(
     coef = a * stats.tsum
     if config.has_z_loss:
         coef = coef + 2.0 * arrays.z_loss * b * safe_lse(rows, finish(stats)[0])
-    return probabilities(rows, s, stats) * coef[:, None] - a[:, None] * target.t
+    return probabilities(rows, s, stats) * coef[:, None] - scaled_target(target, a, s.dtype)
+
+
+def scaled_target(target: Target, a: jax.Array, dtype: Any) -> jax.Array:
+    """:math:`a_i t_{il}` on a block, written so that XLA fuses it into :math:`G` (no one-hot)."""
+    if target.q is not None:
+        return a[:, None] * dense(target, dtype)
+    mass = a if target.label_mass is None else a * target.label_mass
+    out = jnp.where(target.hit, mass[:, None], 0.0)
+    if target.smooth is not None:
+        smooth = target.smooth if target.weights is None else target.smooth * target.weights
+        out = out + a[:, None] * smooth
+    return out
 
 
 def tangent_sum(s: jax.Array, ds: jax.Array | None, m: jax.Array, v: jax.Array) -> jax.Array:
@@ -429,10 +521,10 @@ def label_coefficients(
     rel = s - reference(stats.m)[:, None]
     u = jnp.where(s == NEG_INF, 0.0, jnp.log(stats.se)[:, None] - rel)
     au = jnp.where(rows.counted, a, 0.0)[:, None] * u
-    w = 1.0 if target.w is None else target.w
-    eps = arrays.label_smoothing if config.has_smoothing else 0.0
-    d_smooth = w * (jnp.where(s == NEG_INF, 0.0, 1.0 / config.num_classes) - target.q0)
-    return LabelCoefficients(au * (1.0 - eps) * w, au * target.t0, au * d_smooth)
+    w = 1.0 if target.weights is None else target.weights
+    t0, q = before_weights(target, s.dtype)
+    d_smooth = w * (jnp.where(s == NEG_INF, 0.0, 1.0 / config.num_classes) - q)
+    return LabelCoefficients(au * (1.0 - target.eps) * w, au * t0, au * d_smooth)
 
 
 def weights_denominator_grad(

@@ -194,7 +194,7 @@ def _forward(
             ds = jnp.where(class_mask, ds, 0.0)
     class_weights = weights if config.has_weights else None
     target = _kernel.target_block(config, labels, class_weights, eps, s, 0)
-    stats = _kernel.block_stats(s, target.t)
+    stats = _kernel.block_stats(s, target)
     lse, ce, empty = _kernel.finish(stats)
     if class_mask is not None:  # every class masked: the example takes no part (optax)
         rows = rows._replace(counted=rows.counted & ~empty)

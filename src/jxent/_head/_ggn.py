@@ -234,7 +234,7 @@ def _scan(
         def pass_a(state: tuple, start: Any, size: int) -> tuple:
             st, tan = state
             blk, target, _, z_dot = block(c, rows, start, size)
-            new = _kernel.merge(st, _kernel.block_stats(blk.s, target.t))
+            new = _kernel.merge(st, _kernel.block_stats(blk.s, target))
             tan = _kernel.rebase_sum(tan, st.m, new.m)
             return new, tan + _kernel.tangent_sum(blk.s, blk.ds, new.m, z_dot)
 

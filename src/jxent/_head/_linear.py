@@ -242,7 +242,7 @@ def _stats_pass(head: _Head, c: _Chunk, rows: Rows, scan_zero: jax.Array) -> _ke
 
     def fold(st: _kernel.Stats, start: Any, size: int) -> _kernel.Stats:
         blk, target, _, _ = _block(head, c, rows, start, size)
-        return _kernel.merge(st, _kernel.block_stats(blk.s, target.t))
+        return _kernel.merge(st, _kernel.block_stats(blk.s, target))
 
     zeros = jnp.zeros(c.counted.shape, _chunked.accumulation_dtype(c.x, head.args.w))
     init = _kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros)
