@@ -171,7 +171,7 @@ def cap(config: Config, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
 
 
 class Target(NamedTuple):
-    r"""A block of the effective target :math:`t = w\odot((1-\varepsilon)q + \tfrac{\varepsilon}{L}[s>-\infty])`.
+    r"""A block of the target :math:`t = w\odot((1-\varepsilon)q + \varepsilon/L\,[s>-\infty])`.
 
     Kept in pieces so that XLA fuses it into its consumers: for integer labels the one-hot
     :math:`q` is never a buffer -- the label's column is ``hit`` (an iota compare inside each
@@ -258,11 +258,8 @@ def dense(target: Target, dtype: Any) -> jax.Array:
 
 
 def before_weights(target: Target, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    r"""``(t0, q)``: the target before class weights, :math:`(1-\varepsilon)q + \varepsilon/L`, and q."""
-    if target.q is not None:
-        q = target.q
-    else:
-        q = (target.hit & target.in_block[:, None]).astype(dtype)
+    r"""``(t0, q)``: the target before class weights, :math:`(1-\varepsilon)q + \varepsilon/L`."""
+    q = target.hit.astype(dtype) if target.q is None else target.q
     t0 = (1.0 - target.eps) * q
     return (t0 if target.smooth is None else t0 + target.smooth), q
 
@@ -289,7 +286,7 @@ def reference(m: jax.Array) -> jax.Array:
 
 
 def block_stats(s: jax.Array, target: Target) -> Stats:
-    r"""Statistics of one block ``s`` ``[R, size]`` and its target; the max is constant for autodiff.
+    r"""Statistics of one block ``s`` ``[R, size]`` and its target (the max constant for autodiff).
 
     Integer labels take the label's score by a gather (no one-hot): :math:`\sum_l t_l(s_l -
     \mathrm{ref}) = w_y(1-\varepsilon)(s_y - \mathrm{ref})` plus the smoothing's sum.
