@@ -137,7 +137,8 @@ def test_default_chunk_size_is_picked_from_the_shapes():
     assert _chunked.default_chunk_size(2048, 1000) == 2048
     assert _chunked.default_chunk_size(8192, 1000) == 4096
     assert _chunked.default_chunk_size(5, 1000) == 8
-    assert _chunked.default_chunk_size(4096, 262144) == 2048
+    assert _chunked.default_chunk_size(4096, 262144) == 4096
+    assert _chunked.default_chunk_size(4096, 1000) == 4096
 
 
 def test_bad_inputs_raise():

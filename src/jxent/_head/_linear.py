@@ -516,9 +516,9 @@ def linear_cross_entropy(
         labels: Integer class indices ``[N]`` or probabilities ``[N, L]``.
         bias: Optional ``[L]``.
         chunk_size: Tokens per chunk; by default a power of two with ``chunk * block`` near
-            4M elements, at most 4096 (2048 tokens for ``L >= 2048``), at most ``N`` rounded up
+            4M elements, at most 4096, at most ``N`` rounded up
             to 8. Each chunk reads and writes dW once.
-        vocab_block_size: Classes per block (default 2048); the last block may be smaller.
+        vocab_block_size: Classes per block (default 1024); the last block may be smaller.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         weights: Per-class weights ``[L]``.
         where: Boolean mask ``[N]`` of tokens that count.
@@ -604,7 +604,7 @@ def vocab_parallel_linear_cross_entropy(
         axis_name: The mesh axis that shards the vocabulary.
         bias: Optional ``[L]``, sharded like ``w``'s columns.
         chunk_size: Tokens per chunk (default as :func:`linear_cross_entropy` for ``L/P``).
-        vocab_block_size: Classes per block within a shard (default 2048).
+        vocab_block_size: Classes per block within a shard (default 1024).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         weights: Per-class weights ``[L]``, sharded like ``w``'s columns.
         where: Boolean token mask ``[N]``.
