@@ -238,7 +238,7 @@ def target_block(
     if config.has_weights or config.has_smoothing:
         mass = jnp.where(in_block, 1.0 - eps, 0.0).astype(s.dtype)
         if weights is not None:
-            mass = mass * jnp.take(weights, index, mode="clip")
+            mass = mass * per_row_lookup(weights, index)  # sharded like the rows
     return Target(hit, in_block, index, mass, None, w, smooth, eps)
 
 
