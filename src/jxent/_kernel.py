@@ -252,9 +252,13 @@ def dense(target: Target, dtype: Any) -> jax.Array:
     mass = jnp.ones(target.hit.shape[:1], dtype) if target.label_mass is None else target.label_mass
     t = jnp.where(target.hit, mass[:, None], 0.0).astype(dtype)
     if target.smooth is not None:
-        smooth = target.smooth if target.weights is None else target.smooth * target.weights
-        t = t + smooth
+        t = t + weighted_smoothing(target)
     return t
+
+
+def weighted_smoothing(target: Target) -> jax.Array:
+    r"""The smoothing's share of the target, :math:`w_l\,\varepsilon/L\,[s_l > -\infty]`."""
+    return target.smooth if target.weights is None else target.smooth * target.weights
 
 
 def before_weights(target: Target, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -311,7 +315,7 @@ def block_stats(s: jax.Array, target: Target) -> Stats:
         masked = jnp.where(tsum != 0, NEG_INF, 0.0)
         tds = jnp.where(s_y == NEG_INF, masked, tsum * (s_y - ref))
     if target.smooth is not None:
-        smooth = target.smooth if target.weights is None else target.smooth * target.weights
+        smooth = weighted_smoothing(target)
         tsum = tsum + jnp.sum(smooth, axis=-1)
         tds = tds + jnp.sum(jnp.where(s == NEG_INF, 0.0, smooth * rel), axis=-1)
     return Stats(m, se, tds, tsum)
@@ -390,7 +394,7 @@ def grad_block(
 def probabilities(rows: Rows, s: jax.Array, stats: Stats) -> jax.Array:
     """:math:`p` on a block from the whole row's statistics; 0 in rows that do not count."""
     # p = exp((s - ref) - log se): s - lse would round lse's low digits away (p near 1).
-    # Written -(ref - s): the same value as the statistics' s - ref but not the same HLO, so
+    # Written s + (-ref): the same value as the statistics' s - ref but not the same HLO, so
     # XLA does not merge the two into one [R, L] buffer; each pass recomputes it in registers.
     log_se = jnp.where(rows.counted, jnp.log(stats.se), jnp.inf)
     return jnp.exp(s + (-reference(stats.m))[:, None] - log_se[:, None])
@@ -420,8 +424,7 @@ def scaled_target(target: Target, a: jax.Array, dtype: Any) -> jax.Array:
     mass = a if target.label_mass is None else a * target.label_mass
     out = jnp.where(target.hit, mass[:, None], 0.0)
     if target.smooth is not None:
-        smooth = target.smooth if target.weights is None else target.smooth * target.weights
-        out = out + a[:, None] * smooth
+        out = out + a[:, None] * weighted_smoothing(target)
     return out
 
 

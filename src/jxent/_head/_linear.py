@@ -516,8 +516,8 @@ def linear_cross_entropy(
         labels: Integer class indices ``[N]`` or probabilities ``[N, L]``.
         bias: Optional ``[L]``.
         chunk_size: Tokens per chunk; by default a power of two with ``chunk * block`` near
-            4M elements, at most 4096, at most ``N`` rounded up
-            to 8. Each chunk reads and writes dW once.
+            4M elements, at most 4096 and at most ``N`` rounded up to 8. Each chunk reads
+            and writes dW once.
         vocab_block_size: Classes per block (default 1024); the last block may be smaller.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         weights: Per-class weights ``[L]``.
