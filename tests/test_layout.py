@@ -19,6 +19,7 @@ LAYERS = [
             "jxent._options",
             "jxent._validate",
             "jxent._kernel",
+            "jxent._problem",
             "jxent._loss",
             "jxent._vjp",
             "jxent._plain",

@@ -221,13 +221,13 @@ def target_block(
         start: The global class index of the block's first column (integer labels).
     """
     size = s.shape[1]
-    w = None if weights is None else weights[None, :]
+    row_weights = None if weights is None else weights[None, :]
     smooth = None
     if config.has_smoothing:
         smooth = jnp.where(s == NEG_INF, 0.0, eps / config.num_classes)
     eps = eps if config.has_smoothing else 0.0
     if config.soft:
-        return Target(None, None, None, None, labels.astype(s.dtype), w, smooth, eps)
+        return Target(None, None, None, None, labels.astype(s.dtype), row_weights, smooth, eps)
     local = labels - start
     in_block = (local >= 0) & (local < size)
     index = jnp.clip(local, 0, size - 1)
@@ -239,7 +239,7 @@ def target_block(
         mass = jnp.where(in_block, 1.0 - eps, 0.0).astype(s.dtype)
         if weights is not None:
             mass = mass * per_row_lookup(weights, index)  # sharded like the rows
-    return Target(hit, in_block, index, mass, None, w, smooth, eps)
+    return Target(hit, in_block, index, mass, None, row_weights, smooth, eps)
 
 
 def dense(target: Target, dtype: Any) -> jax.Array:
@@ -352,13 +352,13 @@ def row_losses(
     arrays: Arrays,
     ce: jax.Array,
     lse: jax.Array,
-    a: jax.Array,
-    b: jax.Array,
+    ce_weight: jax.Array,
+    z_weight: jax.Array,
 ) -> jax.Array:
     r"""Each row's share of the loss, :math:`a_i ce_i + b_i z\operatorname{lse}_i^2`; NaN if bad."""
-    loss = a * ce
+    loss = ce_weight * ce
     if config.has_z_loss:
-        loss = loss + b * arrays.z_loss * lse**2
+        loss = loss + z_weight * arrays.z_loss * lse**2
     return jnp.where(rows.bad, jnp.nan, jnp.where(rows.counted, loss, 0.0))
 
 
@@ -375,16 +375,16 @@ def grad_block(
     ds: jax.Array | None,
     target: Target,
     stats: Stats,
-    a: jax.Array,
-    b: jax.Array,
+    ce_weight: jax.Array,
+    z_weight: jax.Array,
 ) -> jax.Array:
     r"""The hand-derived :math:`\partial(\text{row share})/\partial x` on one block ``[R, size]``.
 
     :math:`G = (p\,(aT + 2bz\operatorname{lse}) - a\,t) \odot ds/dx`; zero for rows that do not
     count, NaN for bad rows. ``stats`` are the whole row's (:math:`T`, the log-sum-exp).
     """
-    a = jnp.where(rows.bad, jnp.nan, a)
-    g = score_grad(config, rows, arrays, s, target, stats, a, b)
+    ce_weight = jnp.where(rows.bad, jnp.nan, ce_weight)
+    g = score_grad(config, rows, arrays, s, target, stats, ce_weight, z_weight)
     if ds is not None:
         g = g * ds
     # Exact zeros for rows that do not count, even if their logits are NaN or 0 * inf (padding).
@@ -393,11 +393,11 @@ def grad_block(
 
 def probabilities(rows: Rows, s: jax.Array, stats: Stats) -> jax.Array:
     """:math:`p` on a block from the whole row's statistics; 0 in rows that do not count."""
-    # p = exp((s - ref) - log se): s - lse would round lse's low digits away (p near 1).
-    # Written s + (-ref): the same value as the statistics' s - ref but not the same HLO, so
-    # XLA does not merge the two into one [R, L] buffer; each pass recomputes it in registers.
-    log_se = jnp.where(rows.counted, jnp.log(stats.se), jnp.inf)
-    return jnp.exp(s + (-reference(stats.m))[:, None] - log_se[:, None])
+    # p = exp(s - ref) / se, not exp(s - lse): lse would round its low digits away (p near 1).
+    # The same expression as block_stats' exponential, so XLA computes it once: one exponential
+    # pass, whose buffer G then overwrites (measured faster on CPU than recomputing it).
+    inv_se = jnp.where(rows.counted, 1.0 / stats.se, 0.0)
+    return jnp.exp(s - reference(stats.m)[:, None]) * inv_se[:, None]
 
 
 def score_grad(
@@ -407,24 +407,24 @@ def score_grad(
     s: jax.Array,
     target: Target,
     stats: Stats,
-    a: jax.Array,
-    b: jax.Array,
+    ce_weight: jax.Array,
+    z_weight: jax.Array,
 ) -> jax.Array:
     r""":math:`\partial(\text{row share})/\partial s = p\,(aT + 2bz\operatorname{lse}) - a\,t`."""
-    coef = a * stats.tsum
+    coef = ce_weight * stats.tsum
     if config.has_z_loss:
-        coef = coef + 2.0 * arrays.z_loss * b * safe_lse(rows, finish(stats)[0])
-    return probabilities(rows, s, stats) * coef[:, None] - scaled_target(target, a, s.dtype)
+        coef = coef + 2.0 * arrays.z_loss * z_weight * safe_lse(rows, finish(stats)[0])
+    return probabilities(rows, s, stats) * coef[:, None] - scaled_target(target, ce_weight, s.dtype)
 
 
-def scaled_target(target: Target, a: jax.Array, dtype: Any) -> jax.Array:
+def scaled_target(target: Target, ce_weight: jax.Array, dtype: Any) -> jax.Array:
     """:math:`a_i t_{il}` on a block, written so that XLA fuses it into :math:`G` (no one-hot)."""
     if target.q is not None:
-        return a[:, None] * dense(target, dtype)
-    mass = a if target.label_mass is None else a * target.label_mass
+        return ce_weight[:, None] * dense(target, dtype)
+    mass = ce_weight if target.label_mass is None else ce_weight * target.label_mass
     out = jnp.where(target.hit, mass[:, None], 0.0)
     if target.smooth is not None:
-        out = out + a[:, None] * weighted_smoothing(target)
+        out = out + ce_weight[:, None] * weighted_smoothing(target)
     return out
 
 
@@ -452,8 +452,8 @@ def curvature_block(
     ds: jax.Array | None,
     target: Target,
     stats: Stats,
-    a: jax.Array,
-    b: jax.Array,
+    ce_weight: jax.Array,
+    z_weight: jax.Array,
     v: jax.Array,
     p_dot_v: jax.Array,
     *,
@@ -477,21 +477,24 @@ def curvature_block(
     """
     p = probabilities(rows, s, stats)
     dv = v if ds is None else v * ds
-    a = jnp.where(rows.bad, jnp.nan, a)
-    coef = a * stats.tsum
+    ce_weight = jnp.where(rows.bad, jnp.nan, ce_weight)
+    coef = ce_weight * stats.tsum
     lse = safe_lse(rows, finish(stats)[0])
     if config.has_z_loss and not ggn:
-        coef = coef + 2.0 * arrays.z_loss * b * lse
+        coef = coef + 2.0 * arrays.z_loss * z_weight * lse
     pi = p_dot_v[:, None]
     out = coef[:, None] * p * (dv - pi)
     if config.has_z_loss:
-        out = out + (2.0 * arrays.z_loss * b)[:, None] * p * pi
+        out = out + (2.0 * arrays.z_loss * z_weight)[:, None] * p * pi
     if ds is not None:
         out = out * ds
         if not ggn:
             c = config.logit_softcap
             s2 = jnp.where(s == NEG_INF, 0.0, -(2.0 / c) * (s / c) * ds)
-            out = out + score_grad(config, rows, arrays, s, target, stats, a, b) * s2 * v
+            out = (
+                out
+                + score_grad(config, rows, arrays, s, target, stats, ce_weight, z_weight) * s2 * v
+            )
     # A class outside the softmax has a zero row and column, whatever its tangent holds.
     out = jnp.where(s == NEG_INF, 0.0, out)
     return jnp.where(rows.counted[:, None], out, 0.0)
@@ -511,7 +514,13 @@ class LabelCoefficients(NamedTuple):
 
 
 def label_coefficients(
-    config: Config, rows: Rows, arrays: Arrays, s: jax.Array, target: Target, stats: Stats, a
+    config: Config,
+    rows: Rows,
+    arrays: Arrays,
+    s: jax.Array,
+    target: Target,
+    stats: Stats,
+    ce_weight,
 ) -> LabelCoefficients:
     r"""The derivatives :math:`a u \odot \partial t/\partial(q, w, \varepsilon)`, `u = lse - s`.
 
@@ -520,11 +529,62 @@ def label_coefficients(
     """
     rel = s - reference(stats.m)[:, None]
     u = jnp.where(s == NEG_INF, 0.0, jnp.log(stats.se)[:, None] - rel)
-    au = jnp.where(rows.counted, a, 0.0)[:, None] * u
-    w = 1.0 if target.weights is None else target.weights
+    scaled_u = jnp.where(rows.counted, ce_weight, 0.0)[:, None] * u
+    class_weights = 1.0 if target.weights is None else target.weights
     t0, q = before_weights(target, s.dtype)
-    d_smooth = w * (jnp.where(s == NEG_INF, 0.0, 1.0 / config.num_classes) - q)
-    return LabelCoefficients(au * (1.0 - target.eps) * w, au * t0, au * d_smooth)
+    d_smooth = class_weights * (jnp.where(s == NEG_INF, 0.0, 1.0 / config.num_classes) - q)
+    return LabelCoefficients(
+        scaled_u * (1.0 - target.eps) * class_weights, scaled_u * t0, scaled_u * d_smooth
+    )
+
+
+class OptionDots(NamedTuple):
+    r"""A block's tangents of the target's inputs; None where a tangent is zero.
+
+    Attributes:
+        labels: Along probability labels ``[R, size]``.
+        weights: Along the block's class weights ``[size]``.
+        label_smoothing: Along :math:`\varepsilon` (scalar).
+    """
+
+    labels: jax.Array | None = None
+    weights: jax.Array | None = None
+    label_smoothing: jax.Array | None = None
+
+
+def option_tangent(
+    config: Config,
+    rows: Rows,
+    arrays: Arrays,
+    s: jax.Array,
+    target: Target,
+    stats: Stats,
+    ce_weight: jax.Array,
+    dots: OptionDots,
+) -> jax.Array:
+    r"""Each row's tangent along the labels, class weights and :math:`\varepsilon` on a block.
+
+    :math:`\sum_l C_{il}\,\dot\theta_l` with :math:`C` the :func:`label_coefficients`: the one
+    place these three tangent terms are written (the materialised loss contracts one block of
+    all classes, the linear head each block; their transposes, the gradient pass, sum the same
+    coefficients). ``[R]``; zeros when every tangent is None.
+    """
+    out = jnp.zeros(rows.counted.shape, s.dtype)
+    if all(d is None for d in dots):
+        return out
+    coef = label_coefficients(config, rows, arrays, s, target, stats, ce_weight)
+    if config.soft and dots.labels is not None:
+        out = out + jnp.sum(coef.labels * dots.labels, axis=-1)
+    if dots.weights is not None:
+        out = out + jnp.sum(coef.weights * dots.weights[None, :], axis=-1)
+    if dots.label_smoothing is not None:
+        out = out + jnp.sum(coef.smoothing, axis=-1) * dots.label_smoothing
+    return out
+
+
+def z_tangent(rows: Rows, lse: jax.Array, z_weight: jax.Array, z_dot: jax.Array) -> jax.Array:
+    r"""Each row's tangent along the z-loss coefficient, :math:`b_i\operatorname{lse}_i^2\dot z`."""
+    return jnp.where(rows.counted, z_weight * safe_lse(rows, lse) ** 2, 0.0) * z_dot
 
 
 def weights_denominator_grad(

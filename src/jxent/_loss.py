@@ -2,73 +2,50 @@ r"""Softmax cross-entropy on materialised logits: one block of the row kernel, o
 
 :func:`loss_and_logits_grad` returns the loss and the hand-derived logits gradient
 :math:`G = \partial J/\partial\,\text{logits}` from one softmax (``_kernel``). The public loss
-:func:`softmax_cross_entropy` is a ``jax.custom_jvp`` whose tangent is that same :math:`G`
+:func:`softmax_cross_entropy` is a ``jax.custom_jvp`` of ``(logits, problem)`` -- the logits as
+rows and the validated :class:`~jxent._problem.Problem` -- whose tangent is that same :math:`G`
 contracted with the logits' tangent, plus the hand-derived terms for probability labels, class
-weights, :math:`\varepsilon` and :math:`z` (``_kernel.label_coefficients``) -- the pattern of
-``jax.nn.softmax``. So ``jax.grad`` of the loss *is* :func:`logits_grad` (by transposition),
-and ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``, ``jax.linearize`` and ``jax.vmap`` all use it.
+weights, :math:`\varepsilon` and :math:`z` (``_kernel.option_tangent``, ``_kernel.z_tangent``)
+-- the pattern of ``jax.nn.softmax``. So ``jax.grad`` of the loss *is* :func:`logits_grad` (by
+transposition), and ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``, ``jax.linearize`` and
+``jax.vmap`` all use it.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from jxent import _kernel, _options, _validate
+from jxent import _kernel, _options, _problem, _validate
 from jxent._kernel import Rows, Target
-from jxent._options import Arrays, Config
+from jxent._problem import Problem
 
 Reduction = Literal["mean", "sum", "none"]
 
 
-class LossArgs(NamedTuple):
-    """The loss's custom_jvp arguments, as :func:`prepare` makes them (rows = examples).
+class Prepared(NamedTuple):
+    """A validated call on materialised logits.
 
     Attributes:
-        x: Logits as rows ``[R, L]`` (class axes last, flattened) in the compute dtype.
-        labels: Class indices ``int32 [R]`` (clipped) or probabilities ``[R, L]``.
-        counted: ``bool [R]``: ``where`` and not ``ignore_index``.
-        bad: ``bool [R]``: counted with an out-of-range label or option (NaN loss).
-        class_mask: ``bool [R, L]`` per-logit ``where``, or None.
-        weights: Class weights ``[L]`` (ones without them).
-        eps: Label smoothing (scalar).
-        z: z-loss coefficient (scalar).
+        problem: Everything but the scores (:class:`~jxent._problem.Problem`).
+        logits: The logits as rows ``[R, L]`` (class axes last, flattened), compute dtype.
+        layout: Where the class axes were (to give gradients back in the logits' shape).
     """
 
-    x: jax.Array
-    labels: jax.Array
-    counted: jax.Array
-    bad: jax.Array
-    class_mask: jax.Array | None
-    weights: jax.Array
-    eps: jax.Array
-    z: jax.Array
-
-    def rows(self) -> Rows:
-        """The per-row facts the kernel takes."""
-        return Rows(self.labels, self.counted, self.bad)
-
-    def arrays(self) -> Arrays:
-        """The traced options the kernel takes."""
-        return Arrays(self.weights, self.eps, self.z)
-
-
-class Problem(NamedTuple):
-    """A validated call: the static config, the class-axis layout, the custom_jvp's arguments."""
-
-    config: Config
+    problem: Problem
+    logits: jax.Array
     layout: _validate.Layout
-    args: LossArgs
 
 
-def prepare(
+def prepare_problem(
     function: str,
-    logits: ArrayLike,
+    logits: Any,
     labels: ArrayLike,
     *,
     axis: int | tuple[int, ...] = -1,
@@ -80,63 +57,44 @@ def prepare(
     z_loss: ArrayLike = 0.0,
     logit_softcap: float | None = None,
     **unknown: Any,
-) -> Problem:
-    """Validates every argument once; returns the static config and the kernel's arrays."""
+) -> tuple[Problem, _validate.Layout]:
+    """Validates every argument once; needs only the logits' shape and dtype.
+
+    ``logits`` may be an array or a ``jax.ShapeDtypeStruct`` (the micro-batched step and the
+    checker know the logits' shape before they exist).
+    """
     _options.check_option_names(unknown, function)
     if isinstance(logits, (tuple, list, dict)):
         raise TypeError(
             f"logits must be one array, found a {type(logits).__name__}; a predictor that returns "
             "(logits, aux) needs has_aux=True where it is given to jxent"
         )
-    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    if not isinstance(logits, jax.ShapeDtypeStruct):
+        logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
     layout = _validate.check_logits(logits, axis)
     soft = _validate.check_labels(logits.shape, labels, layout)
     row_mask, class_mask = _validate.check_where(where, logits.shape, layout)
-    compute = jnp.promote_types(logits.dtype, jnp.float32)
-    config, arrays = _options.prepare(
-        batch_shape=layout.batch_shape,
+    options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
+    options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
+    problem = _problem.build(
+        labels=layout.to_rows(labels) if soft else labels,
+        row_mask=row_mask,
+        class_mask=class_mask,
+        num_rows=layout.num_rows,
         num_classes=layout.num_classes,
         soft=soft,
-        compute_dtype=compute,
-        reduction=reduction,
-        weights=weights,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        class_mask=class_mask is not None,
+        compute_dtype=jnp.promote_types(logits.dtype, jnp.float32),
+        options=options | {"logit_softcap": logit_softcap},
     )
-    if row_mask is None:
-        row_mask = jnp.ones((layout.num_rows,), bool)
-    x = layout.to_rows(logits).astype(compute)
-    if soft:
-        rows = Rows(layout.to_rows(labels), row_mask, jnp.zeros(row_mask.shape, bool))
-    else:
-        _validate.check_label_range(labels, layout.num_classes, ignore_index, row_mask)
-        rows = _kernel.integer_rows(config, labels.reshape(-1), row_mask)
-    rows = rows._replace(bad=rows.bad | _options.bad_option(config, arrays))
-    return Problem(config, layout, LossArgs(x, *rows, class_mask, *arrays))
+    return problem, layout
 
 
-def counted_rows(problem: Problem) -> jax.Array:
-    """``bool [rows]``: the examples the loss counts (``where``, ``ignore_index``, a class left)."""
-    counted, class_mask = problem.args.counted, problem.args.class_mask
-    if class_mask is not None:
-        counted = counted & jnp.any(class_mask, axis=-1)
-    return counted
-
-
-def mean_denominators(problem: Problem) -> tuple[jax.Array, jax.Array]:
-    r"""The ``"mean"`` reduction's two denominators: :math:`\sum_i m_i n_i` and :math:`\sum_i m_i`.
-
-    The cross-entropy's (counted examples, weighted by their target class's weight with class
-    weights and integer labels) and the z-term's (counted examples), as :func:`_kernel.row_scales`
-    forms them: what a sum over micro-batches must be divided by to equal the batch's mean.
-    """
-    args = problem.args
-    rows = Rows(args.labels, counted_rows(problem), args.bad)
-    n = _kernel.mean_normaliser(problem.config, rows, args.weights)
-    return _kernel.denominator(rows.counted, n), _kernel.denominator(rows.counted, n * 0 + 1)
+def prepare(function: str, logits: ArrayLike, labels: ArrayLike, **options: Any) -> Prepared:
+    """:func:`prepare_problem` and the logits as rows in the compute dtype."""
+    problem, layout = prepare_problem(function, logits, labels, **options)
+    dtype = problem.options.weights.dtype
+    return Prepared(problem, layout.to_rows(jnp.asarray(logits)).astype(dtype), layout)
 
 
 class _Forward(NamedTuple):
@@ -151,8 +109,8 @@ class _Forward(NamedTuple):
         target: The effective target and its pieces (``_kernel.Target``).
         stats: The rows' softmax statistics (``_kernel.Stats``).
         lse: Log-sum-exp per row.
-        a: Each row's weight of its cross-entropy in the reduction (``_kernel.row_scales``).
-        b: Each row's weight of its z-term.
+        ce_weight: Each row's weight of its cross-entropy in the reduction.
+        z_weight: Each row's weight of its z-term (``_kernel.row_scales``).
         mean_ce: :math:`\sum_i a_i ce_i`, the reduction's cross-entropy part.
         normaliser_sum: The mean's denominator :math:`\sum_i m_i n_i`.
     """
@@ -165,127 +123,114 @@ class _Forward(NamedTuple):
     target: Target
     stats: _kernel.Stats
     lse: jax.Array
-    a: jax.Array
-    b: jax.Array
+    ce_weight: jax.Array
+    z_weight: jax.Array
     mean_ce: jax.Array
     normaliser_sum: jax.Array
 
 
-def _forward(
-    config: Config,
-    x: jax.Array,
-    labels: jax.Array,
-    counted: jax.Array,
-    bad: jax.Array,
-    class_mask: jax.Array | None,
-    weights: jax.Array,
-    eps: jax.Array,
-    z: jax.Array,
-    *,
-    with_grad: bool,
-) -> _Forward:
+def _forward(problem: Problem, x: jax.Array, *, with_grad: bool) -> _Forward:
     """The loss (reduced) and, ``with_grad``, :math:`G`, from one softmax over all classes."""
-    arrays = Arrays(weights, eps, z)
-    rows = Rows(labels, counted, bad)
+    config, options, class_mask = problem.config, problem.options, problem.class_mask
+    rows = problem.rows
     s, ds = _kernel.cap(config, x)
     if class_mask is not None:
         s = jnp.where(class_mask, s, _kernel.NEG_INF)
         if ds is not None:  # a masked logit does not enter the loss (and may be NaN padding)
             ds = jnp.where(class_mask, ds, 0.0)
-    class_weights = weights if config.has_weights else None
-    target = _kernel.target_block(config, labels, class_weights, eps, s, 0)
+    class_weights = options.weights if config.has_weights else None
+    target = _kernel.target_block(config, rows.labels, class_weights, options.label_smoothing, s, 0)
     stats = _kernel.block_stats(s, target)
     lse, ce, empty = _kernel.finish(stats)
     if class_mask is not None:  # every class masked: the example takes no part (optax)
         rows = rows._replace(counted=rows.counted & ~empty)
     rows = rows._replace(bad=rows.bad | (rows.counted & empty))  # no softmax over nothing
-    a, b, n = _kernel.row_scales(config, rows, arrays.weights)
-    per_row = _kernel.row_losses(config, rows, arrays, ce, lse, a, b)
+    ce_weight, z_weight, n = _kernel.row_scales(config, rows, options.weights)
+    per_row = _kernel.row_losses(config, rows, options, ce, lse, ce_weight, z_weight)
     loss = per_row if config.reduction == "none" else jnp.sum(per_row)
     grad = None
     if with_grad:
-        grad = _kernel.grad_block(config, rows, arrays, s, ds, target, stats, a, b)
+        grad = _kernel.grad_block(config, rows, options, s, ds, target, stats, ce_weight, z_weight)
         if class_mask is not None:  # the loss does not depend on a masked logit
             grad = jnp.where(class_mask, grad, 0.0)
-    mean_ce = jnp.sum(jnp.where(rows.counted, a * ce, 0.0))
+    mean_ce = jnp.sum(jnp.where(rows.counted, ce_weight * ce, 0.0))
     normaliser_sum = _kernel.denominator(rows.counted, n)
-    return _Forward(loss, grad, rows, s, ds, target, stats, lse, a, b, mean_ce, normaliser_sum)
+    return _Forward(
+        loss, grad, rows, s, ds, target, stats, lse, ce_weight, z_weight, mean_ce, normaliser_sum
+    )
 
 
 def _is_zero(tangent: Any) -> bool:
     return tangent is None or isinstance(tangent, SymbolicZero)
 
 
-def _tangent(config: Config, fwd: _Forward, arrays: Arrays, tangents: tuple) -> jax.Array:
+def _nonzero(tangent: Any) -> Any:
+    """The tangent, or None for a (symbolic) zero."""
+    return None if _is_zero(tangent) else tangent
+
+
+def _option_dots(problem: Problem, dot: Problem) -> _kernel.OptionDots:
+    """The tangents of the target's inputs (None where zero; integer labels have none)."""
+    labels = _nonzero(dot.rows.labels) if problem.config.soft else None
+    return _kernel.OptionDots(
+        labels, _nonzero(dot.options.weights), _nonzero(dot.options.label_smoothing)
+    )
+
+
+def _tangent(problem: Problem, fwd: _Forward, x_dot: Any, dot: Problem) -> jax.Array:
     r""":math:`\langle G, \dot x\rangle` plus the label, weight, smoothing and z terms."""
-    x_dot, q_dot, _, _, _, w_dot, eps_dot, z_dot = tangents
-    per_row = jnp.zeros(fwd.rows.counted.shape, fwd.s.dtype)
+    config, rows = problem.config, fwd.rows
+    per_row = jnp.zeros(rows.counted.shape, fwd.s.dtype)
     if not _is_zero(x_dot):
         per_row = per_row + jnp.sum(fwd.grad * x_dot, axis=-1)
-    label_dots = (q_dot if config.soft else None, w_dot, eps_dot)
-    if not all(_is_zero(t) for t in label_dots):
-        coef = _kernel.label_coefficients(
-            config, fwd.rows, arrays, fwd.s, fwd.target, fwd.stats, fwd.a
-        )
-        if config.soft and not _is_zero(q_dot):
-            per_row = per_row + jnp.sum(coef.labels * q_dot, axis=-1)
-        if not _is_zero(w_dot):
-            per_row = per_row + jnp.sum(coef.weights * w_dot[None, :], axis=-1)
-        if not _is_zero(eps_dot):
-            per_row = per_row + jnp.sum(coef.smoothing, axis=-1) * eps_dot
-    if not _is_zero(z_dot):
-        lse = _kernel.safe_lse(fwd.rows, fwd.lse)
-        per_row = per_row + jnp.where(fwd.rows.counted, fwd.b * lse**2, 0.0) * z_dot
-    per_row = jnp.where(fwd.rows.bad, jnp.nan, per_row)
+    option_dots = _option_dots(problem, dot)
+    per_row = per_row + _kernel.option_tangent(
+        config, rows, problem.options, fwd.s, fwd.target, fwd.stats, fwd.ce_weight, option_dots
+    )
+    z_dot = _nonzero(dot.options.z_loss)
+    if z_dot is not None:
+        per_row = per_row + _kernel.z_tangent(rows, fwd.lse, fwd.z_weight, z_dot)
+    per_row = jnp.where(rows.bad, jnp.nan, per_row)
     if config.reduction == "none":
         return per_row
     total = jnp.sum(per_row)
-    if not _is_zero(w_dot):
-        d_w = _kernel.weights_denominator_grad(config, fwd.rows, fwd.mean_ce, fwd.normaliser_sum)
+    if option_dots.weights is not None:
+        d_w = _kernel.weights_denominator_grad(config, rows, fwd.mean_ce, fwd.normaliser_sum)
         if d_w is not None:
-            total = total + jnp.sum(d_w * w_dot)
+            total = total + jnp.sum(d_w * option_dots.weights)
     return total
 
 
-@functools.lru_cache(maxsize=256)
-def _loss_fn(config: Config) -> Any:
-    """The loss for one static config, as a custom_jvp built on the hand-derived gradient."""
-
-    @jax.custom_jvp
-    def loss_fn(x, labels, counted, bad, class_mask, weights, eps, z):
-        args = (x, labels, counted, bad, class_mask, weights, eps, z)
-        return _forward(config, *args, with_grad=False).loss
-
-    def loss_jvp(primals, tangents):
-        fwd = _forward(config, *primals, with_grad=False)
-        if not _is_zero(tangents[0]):
-            # G through its own custom_jvp: a second derivative uses the hand-derived Hessian.
-            fwd = fwd._replace(grad=_grad_fn(config)(*primals))
-        return fwd.loss, _tangent(config, fwd, LossArgs(*primals).arrays(), tangents)
-
-    loss_fn.defjvp(loss_jvp, symbolic_zeros=True)
-    # jit: an eager call runs one compiled program instead of dispatching op by op (faster first
-    # calls); inside a caller's jit or transformation it is one more nested call.
-    return jax.jit(loss_fn)
+@jax.custom_jvp
+def _loss(x: jax.Array, problem: Problem) -> jax.Array:
+    """The loss of rows ``x`` ``[R, L]``, a custom_jvp built on the hand-derived gradient."""
+    return _forward(problem, x, with_grad=False).loss
 
 
-@functools.lru_cache(maxsize=256)
-def _loss_and_grad_fn(config: Config) -> Any:
-    """The loss and :math:`G` for one static config, jitted like :func:`_loss_fn`."""
-
-    def loss_and_grad(*args: Any) -> tuple[jax.Array, jax.Array]:
-        return _forward(config, *args, with_grad=False).loss, _grad_fn(config)(*args)
-
-    return jax.jit(loss_and_grad)
-
-
-# The arguments of the loss's custom_jvp that may carry tangents besides the logits: probability
-# labels, class weights, label smoothing and the z-loss coefficient (positions in LossArgs).
-_OTHER_FLOATS = tuple(LossArgs._fields.index(f) for f in ("labels", "weights", "eps", "z"))
+def _loss_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    (x, problem), (x_dot, dot) = primals, tangents
+    fwd = _forward(problem, x, with_grad=False)
+    if not _is_zero(x_dot):
+        # G through its own custom_jvp: a second derivative uses the hand-derived Hessian.
+        fwd = fwd._replace(grad=_grad(x, problem))
+    return fwd.loss, _tangent(problem, fwd, x_dot, dot)
 
 
-@functools.lru_cache(maxsize=256)
-def _grad_fn(config: Config) -> Any:
+_loss.defjvp(_loss_jvp, symbolic_zeros=True)
+# jit: an eager call runs one compiled program instead of dispatching op by op (faster first
+# calls); inside a caller's jit or transformation it is one more nested call. The problem's
+# static config keys the cache.
+_loss_jit = jax.jit(_loss)
+
+
+@jax.jit
+def _loss_and_grad(x: jax.Array, problem: Problem) -> tuple[jax.Array, jax.Array]:
+    """The loss and :math:`G`, jitted like :func:`_loss`."""
+    return _forward(problem, x, with_grad=False).loss, _grad(x, problem)
+
+
+@jax.custom_jvp
+def _grad(x: jax.Array, problem: Problem) -> jax.Array:
     r""":math:`G` as a custom_jvp whose tangent along the logits is the hand-derived :math:`Hv`.
 
     So ``jax.hessian``, ``jax.jvp(jax.grad(...))`` and the forward-over-reverse
@@ -293,64 +238,75 @@ def _grad_fn(config: Config) -> Any:
     labels, class weights, :math:`\varepsilon` and :math:`z` (mixed second derivatives)
     differentiate the same row formula with JAX.
     """
-
-    def plain(*args: Any) -> jax.Array:
-        return _forward(config, *args, with_grad=True).grad
-
-    @jax.custom_jvp
-    def grad_fn(*args: Any) -> jax.Array:
-        return plain(*args)
-
-    def grad_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
-        grad = plain(*primals)
-        if _is_zero(tangents[0]):
-            dot = jnp.zeros_like(grad)
-        else:
-            dot = _logits_curvature_product(config, False, *primals, tangents[0])
-        moving = [i for i in _OTHER_FLOATS if not _is_zero(tangents[i])]
-        moving = [i for i in moving if i != _OTHER_FLOATS[0] or config.soft]  # int labels: none
-        if moving:
-
-            def along(*values: jax.Array) -> jax.Array:
-                args = list(primals)
-                for i, value in zip(moving, values, strict=True):
-                    args[i] = value
-                return plain(*args)
-
-            primal_in = [primals[i] for i in moving]
-            dot = dot + jax.jvp(along, primal_in, [tangents[i] for i in moving])[1]
-        return grad, dot
-
-    grad_fn.defjvp(grad_jvp, symbolic_zeros=True)
-    return grad_fn
+    return _forward(problem, x, with_grad=True).grad
 
 
-def _logits_curvature_product(config: Config, ggn: bool, *args: Any) -> jax.Array:
+def _grad_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    (x, problem), (x_dot, dot) = primals, tangents
+    grad = _forward(problem, x, with_grad=True).grad
+    if _is_zero(x_dot):
+        out = jnp.zeros_like(grad)
+    else:
+        out = _curvature_product(x, problem, x_dot, ggn=False)
+    option_dots = _option_dots(problem, dot)
+    options_dot = problem.options._replace(
+        weights=option_dots.weights, label_smoothing=option_dots.label_smoothing
+    )._replace(z_loss=_nonzero(dot.options.z_loss))
+    if option_dots.labels is not None or any(d is not None for d in options_dot):
+
+        def along(labels: jax.Array, options: _options.Arrays) -> jax.Array:
+            rows = problem.rows._replace(labels=labels)
+            moved = dataclasses.replace(problem, rows=rows, options=options)
+            return _forward(moved, x, with_grad=True).grad
+
+        def or_zero(d: Any, primal: jax.Array) -> jax.Array:
+            return jnp.zeros_like(primal) if d is None else d
+
+        labels_dot = option_dots.labels
+        if labels_dot is None:  # integer labels take a float0 tangent
+            labels_dot = jax.tree.map(_zero_tangent, problem.rows.labels)
+        options_dot = jax.tree.map(or_zero, options_dot, problem.options, is_leaf=_is_none)
+        primal_in = (problem.rows.labels, problem.options)
+        out = out + jax.jvp(along, primal_in, (labels_dot, options_dot))[1]
+    return grad, out
+
+
+def _is_none(v: Any) -> bool:
+    return v is None
+
+
+def _zero_tangent(primal: jax.Array) -> jax.Array:
+    """A zero tangent of the primal's kind (``float0`` for integers)."""
+    if jnp.issubdtype(primal.dtype, jnp.inexact):
+        return jnp.zeros_like(primal)
+    return np.zeros(primal.shape, jax.dtypes.float0)
+
+
+_grad.defjvp(_grad_jvp, symbolic_zeros=True)
+
+
+def _curvature_product(x: jax.Array, problem: Problem, v: jax.Array, *, ggn: bool) -> jax.Array:
     """The hand-derived Hessian (or GGN) of the reduced loss with respect to ``x``, times ``v``."""
-    *primals, v = args
-    fwd = _forward(config, *primals, with_grad=False)
+    fwd = _forward(problem, x, with_grad=False)
     se = jnp.where(fwd.rows.counted, fwd.stats.se, 1.0)
     p_dot_v = _kernel.tangent_sum(fwd.s, fwd.ds, fwd.stats.m, v) / se
-    arrays = LossArgs(*primals).arrays()
     return _kernel.curvature_block(
-        config,
+        problem.config,
         fwd.rows,
-        arrays,
+        problem.options,
         fwd.s,
         fwd.ds,
         fwd.target,
         fwd.stats,
-        fwd.a,
-        fwd.b,
+        fwd.ce_weight,
+        fwd.z_weight,
         v,
         p_dot_v,
         ggn=ggn,
     )
 
 
-@functools.lru_cache(maxsize=256)
-def _curvature_fn(config: Config, ggn: bool) -> Any:
-    return jax.jit(functools.partial(_logits_curvature_product, config, ggn))
+_curvature_jit = jax.jit(_curvature_product, static_argnames="ggn")
 
 
 def loss_and_logits_grad(
@@ -450,7 +406,7 @@ def loss_and_logits_grad(
         ``softmax_cross_entropy_with_integer_labels``; Chowdhery et al. 2022 (PaLM, z-loss);
         Gemma 2 (logit soft-capping).
     """
-    problem = prepare(
+    prepared = prepare(
         "loss_and_logits_grad",
         logits,
         labels,
@@ -463,9 +419,8 @@ def loss_and_logits_grad(
         z_loss=z_loss,
         logit_softcap=logit_softcap,
     )
-    loss, grad = _loss_and_grad_fn(problem.config)(*problem.args)
-    grad = problem.layout.from_rows(grad).astype(jnp.asarray(logits).dtype)
-    return _batch_shaped(problem, loss), grad
+    loss, grad = loss_and_grad(prepared)
+    return loss, grad.astype(jnp.asarray(logits).dtype)
 
 
 def softmax_cross_entropy(
@@ -499,15 +454,24 @@ def softmax_cross_entropy(
         >>> print(f"{jxent.softmax_cross_entropy(jnp.array([[2.0, 0.0]]), jnp.array([0])):.4f}")
         0.1269
     """
-    problem = prepare(
+    prepared = prepare(
         "softmax_cross_entropy", logits, labels, axis=axis, reduction=reduction, **options
     )
-    return _batch_shaped(problem, _loss_fn(problem.config)(*problem.args))
+    return _batch_shaped(prepared, _loss_jit(prepared.logits, prepared.problem))
 
 
-def _batch_shaped(problem: Problem, loss: jax.Array) -> jax.Array:
+def loss_and_grad(prepared: Prepared) -> tuple[jax.Array, jax.Array]:
+    """The loss (in the examples' shape for ``"none"``) and :math:`G` in the logits' shape.
+
+    :math:`G` is in the compute dtype; the public functions cast it to the logits' dtype.
+    """
+    loss, grad = _loss_and_grad(prepared.logits, prepared.problem)
+    return _batch_shaped(prepared, loss), prepared.layout.from_rows(grad)
+
+
+def _batch_shaped(prepared: Prepared, loss: jax.Array) -> jax.Array:
     """Per-example losses (``"none"``) in the examples' shape; a scalar stays a scalar."""
-    return loss.reshape(problem.layout.batch_shape) if loss.ndim else loss
+    return loss.reshape(prepared.layout.batch_shape) if loss.ndim else loss
 
 
 def logits_grad(
@@ -540,9 +504,8 @@ def logits_grad(
         >>> print(jxent.logits_grad(jnp.array([[0.0, 0.0]]), jnp.array([0])))
         [[-0.5  0.5]]
     """
-    problem = prepare("logits_grad", logits, labels, axis=axis, reduction=reduction, **options)
-    grad = _loss_and_grad_fn(problem.config)(*problem.args)[1]
-    return problem.layout.from_rows(grad).astype(jnp.asarray(logits).dtype)
+    prepared = prepare("logits_grad", logits, labels, axis=axis, reduction=reduction, **options)
+    return loss_and_grad(prepared)[1].astype(jnp.asarray(logits).dtype)
 
 
 Curvature = Literal["hessian", "ggn"]
@@ -620,7 +583,7 @@ def logits_hvp(
     """
     if curvature not in ("hessian", "ggn"):
         raise ValueError(f"curvature must be 'hessian' or 'ggn', found {curvature!r}")
-    problem = prepare("logits_hvp", logits, labels, axis=axis, reduction=reduction, **options)
+    prepared = prepare("logits_hvp", logits, labels, axis=axis, reduction=reduction, **options)
     v = jnp.asarray(tangents)
     if not jnp.issubdtype(v.dtype, jnp.floating):
         raise TypeError(f"tangents must have a floating dtype, found {v.dtype}")
@@ -628,10 +591,10 @@ def logits_hvp(
         raise ValueError(
             f"tangents must have the logits' shape {jnp.shape(logits)}, found {v.shape}"
         )
-    x = problem.args[0]
-    v = problem.layout.to_rows(v).astype(x.dtype)
-    out = _curvature_fn(problem.config, curvature == "ggn")(*problem.args, v)
-    return problem.layout.from_rows(out).astype(jnp.asarray(logits).dtype)
+    x, layout = prepared.logits, prepared.layout
+    v = layout.to_rows(v).astype(x.dtype)
+    out = _curvature_jit(x, prepared.problem, v, ggn=curvature == "ggn")
+    return layout.from_rows(out).astype(jnp.asarray(logits).dtype)
 
 
 def ggn_factor(
@@ -651,26 +614,24 @@ def ggn_factor(
     scaled by the cap's :math:`s'`. Needs :math:`aT \ge 0` (non-negative targets and class
     weights; otherwise NaN). Zero for rows that do not count, NaN for bad rows.
     """
-    problem = prepare("ggn_diagonal", logits, labels, axis=axis, reduction=reduction, **options)
-    return _factor_fn(problem.config)(*problem.args), problem.layout
+    prepared = prepare("ggn_diagonal", logits, labels, axis=axis, reduction=reduction, **options)
+    return _factor(prepared.logits, prepared.problem), prepared.layout
 
 
-@functools.lru_cache(maxsize=256)
-def _factor_fn(config: Config) -> Any:
-    def factor(*args: Any) -> jax.Array:
-        fwd = _forward(config, *args, with_grad=False)
-        rows = fwd.rows
-        p = _kernel.probabilities(rows, fwd.s, fwd.stats)
-        a = jnp.where(rows.bad, jnp.nan, fwd.a)
-        eye = jnp.eye(config.num_classes, dtype=p.dtype)
-        root_p = jnp.sqrt(p)
-        s_cols = root_p[:, None, :] * (eye[None] - p[:, :, None])  # [R, l, k]
-        cols = jnp.sqrt(a * fwd.stats.tsum)[:, None, None] * s_cols
-        if config.has_z_loss:
-            z_col = jnp.sqrt(2.0 * LossArgs(*args).z * fwd.b)[:, None] * p
-            cols = jnp.concatenate([cols, z_col[:, :, None]], axis=2)
-        if fwd.ds is not None:
-            cols = cols * fwd.ds[:, :, None]
-        return jnp.where(rows.counted[:, None, None], cols, 0.0)
-
-    return jax.jit(factor)
+@jax.jit
+def _factor(x: jax.Array, problem: Problem) -> jax.Array:
+    config = problem.config
+    fwd = _forward(problem, x, with_grad=False)
+    rows = fwd.rows
+    p = _kernel.probabilities(rows, fwd.s, fwd.stats)
+    ce_weight = jnp.where(rows.bad, jnp.nan, fwd.ce_weight)
+    eye = jnp.eye(config.num_classes, dtype=p.dtype)
+    root_p = jnp.sqrt(p)
+    s_cols = root_p[:, None, :] * (eye[None] - p[:, :, None])  # [R, l, k]
+    cols = jnp.sqrt(ce_weight * fwd.stats.tsum)[:, None, None] * s_cols
+    if config.has_z_loss:
+        z_col = jnp.sqrt(2.0 * problem.options.z_loss * fwd.z_weight)[:, None] * p
+        cols = jnp.concatenate([cols, z_col[:, :, None]], axis=2)
+    if fwd.ds is not None:
+        cols = cols * fwd.ds[:, :, None]
+    return jnp.where(rows.counted[:, None, None], cols, 0.0)

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jxent import _options
-from jxent._loss import loss_and_logits_grad
+from jxent import _loss, _options
 
 PyTree = Any
 Predictor = Callable[[PyTree, Any], jax.Array]
@@ -116,6 +116,7 @@ class LossGradsLogits(NamedTuple):
     grads: PyTree
     logits: jax.Array
     aux: Any
+    prepared: _loss.Prepared  # the validated call, for metrics over the rows the loss counts
 
 
 def loss_grads_and_logits(
@@ -137,9 +138,10 @@ def loss_grads_and_logits(
     else:
         logits, pullback = jax.vjp(lambda p: logits_only(predictor(p, x)), params)
         aux = None
-    loss, cotangent = loss_and_logits_grad(logits, labels, **options)
-    (grads,) = pullback(cotangent)
-    return LossGradsLogits(loss, grads, logits, aux)
+    prepared = _loss.prepare(function, logits, labels, **options)
+    loss, cotangent = _loss.loss_and_grad(prepared)
+    (grads,) = pullback(cotangent.astype(jnp.asarray(logits).dtype))
+    return LossGradsLogits(loss, grads, logits, aux, prepared)
 
 
 def logits_only(out: Any) -> Any:

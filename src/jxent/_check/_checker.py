@@ -23,7 +23,7 @@ import numpy as np
 
 from jxent import _fd
 from jxent._check import _programs
-from jxent._loss import counted_rows, mean_denominators, prepare
+from jxent._loss import prepare_problem
 from jxent._options import check_option_names, require_scalar
 from jxent._vjp import logits_only
 
@@ -540,14 +540,14 @@ def _natural_counts(
 
     Batch size and number of classes always; the counted examples (``where``, ``ignore_index``,
     a class left under a per-logit ``where``) and their class-weight sum when they differ --
-    the mean's own denominators (``_loss.mean_denominators``), not a second reading of options.
+    the mean's own denominators (``Problem.mean_denominators``), not a second reading of options.
     """
     logits = jax.eval_shape(lambda p, x: logits_only(predictor(p, x)), params, x)
-    problem = prepare("check_grads", jnp.zeros(logits.shape, logits.dtype), labels, **loss_options)
-    batch, num_classes = problem.layout.num_rows, problem.layout.num_classes
+    problem, layout = prepare_problem("check_grads", logits, labels, **loss_options)
+    batch, num_classes = layout.num_rows, layout.num_classes
     counts = [("batch size", float(batch)), ("number of classes", float(num_classes))]
-    ce_denominator, count = (float(d) for d in mean_denominators(problem))
-    if not any(counted_rows(problem)):
+    ce_denominator, count = (float(d) for d in problem.mean_denominators())
+    if not any(problem.counted_rows()):
         count = 0.0  # the denominators read 1 when nothing counts (a mean of nothing is 0)
     if count != batch:
         counts.append(("counted examples", count))

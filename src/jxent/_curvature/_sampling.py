@@ -178,7 +178,7 @@ def _draw(
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, token)
 
         def step(best: tuple, start: Any, size: int) -> tuple:
-            z = _head.block_logits(None, x_c, w, b, start, size).z
+            z = _head.block_logits(None, x_c, w, b, start, size).logits
             noise = jax.vmap(lambda k: _gumbel(jax.random.fold_in(k, start), size, acc))(keys)
             score = _capped(z, logit_softcap) + noise
             value = jnp.max(score, axis=1)

@@ -15,7 +15,7 @@ from jxent._head._chunked import (
 )
 from jxent._head._ggn import linear_cross_entropy_ggn_vector_product
 from jxent._head._linear import (
-    HeadArgs,
+    Head,
     check_shapes,
     linear_cross_entropy,
     prepare,
@@ -24,7 +24,7 @@ from jxent._head._linear import (
 from jxent._head._tokens import over_tokens
 
 __all__ = [
-    "HeadArgs",
+    "Head",
     "Schedule",
     "accumulation_dtype",
     "block_logits",

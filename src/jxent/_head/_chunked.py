@@ -146,27 +146,27 @@ class Block(NamedTuple):
 
     Attributes:
         w: ``W[:, start:start + size]``.
-        z: The block's logits ``x W_b + b_b`` ``[chunk, size]`` in the accumulation dtype.
-        s: Its scores: ``z`` soft-capped (``_kernel.cap``).
+        logits: The block's logits ``x W_b + b_b`` ``[chunk, size]``, accumulation dtype.
+        s: Its scores: the logits soft-capped (``_kernel.cap``).
         ds: ``ds/dz``, or None without a cap.
     """
 
     w: jax.Array
-    z: jax.Array
+    logits: jax.Array
     s: jax.Array
     ds: jax.Array | None
 
 
 def block_logits(
-    config: Config | None, x: jax.Array, w: jax.Array, b: jax.Array, start: Any, size: int
+    config: Config | None, x: jax.Array, w: jax.Array, bias: jax.Array, start: Any, size: int
 ) -> Block:
     """The block's logits and scores (``config`` None: no cap, as for a bare sampler)."""
     acc = accumulation_dtype(x, w)
-    w_b = lax.dynamic_slice_in_dim(w, start, size, axis=1)
-    z = jnp.dot(x, w_b, preferred_element_type=acc)
-    z = z + lax.dynamic_slice_in_dim(b, start, size).astype(acc)[None, :]
-    s, ds = (z, None) if config is None else _kernel.cap(config, z)
-    return Block(w_b, z, s, ds)
+    w_block = lax.dynamic_slice_in_dim(w, start, size, axis=1)
+    logits = jnp.dot(x, w_block, preferred_element_type=acc)
+    logits = logits + lax.dynamic_slice_in_dim(bias, start, size).astype(acc)[None, :]
+    s, ds = (logits, None) if config is None else _kernel.cap(config, logits)
+    return Block(w_block, logits, s, ds)
 
 
 def matmul(a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:

@@ -21,26 +21,17 @@ vocabulary is one block, the two passes share the block (one pass of matmuls).
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
 from jxent import _kernel
 from jxent._head import _chunked, _linear, _tokens
-from jxent._kernel import Rows
+from jxent._kernel import OptionDots
 from jxent._loss import Reduction
-from jxent._options import Arrays, Config
-
-
-class _Tangents(NamedTuple):
-    """The tangents ``(x_dot, w_dot, b_dot)``; None is zero and costs no matmul."""
-
-    x: jax.Array | None
-    w: jax.Array | None
-    b: jax.Array | None
+from jxent._problem import Problem
 
 
 def linear_cross_entropy_ggn_vector_product(
@@ -127,14 +118,16 @@ def linear_cross_entropy_ggn_vector_product(
     options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
     options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
     options |= {"logit_softcap": logit_softcap}
-    config, args = _linear.prepare(function, x, w, labels, bias, where, options)
-    dots = _check_tangents(tangents, args, bias is not None)
-    sched = _chunked.schedule(args.x.shape[0], config.num_classes, chunk_size, vocab_block_size)
-    gx, gw, gb = _ggn_fn(config, sched)(args, dots)
+    head, problem = _linear.prepare(function, x, w, labels, bias, where, options)
+    head_dot = _check_tangents(tangents, head, bias is not None)
+    num_classes = problem.config.num_classes
+    sched = _chunked.schedule(head.x.shape[0], num_classes, chunk_size, vocab_block_size)
+    gx, gw, gb = _ggn_fn(sched)(head, problem, head_dot)
     return gx, gw, gb if bias is not None else None
 
 
-def _check_tangents(tangents: Any, args: _linear.HeadArgs, has_bias: bool) -> _Tangents:
+def _check_tangents(tangents: Any, head: _linear.Head, has_bias: bool) -> _linear.Head:
+    """The tangents as a :class:`~jxent._head._linear.Head` (None where zero), checked."""
     if not (isinstance(tangents, (tuple, list)) and len(tangents) == 3):
         raise TypeError(
             "tangents must be a triple (x_dot, w_dot, b_dot) (None for a zero tangent), found "
@@ -142,7 +135,7 @@ def _check_tangents(tangents: Any, args: _linear.HeadArgs, has_bias: bool) -> _T
             + (f" of {len(tangents)}" if isinstance(tangents, (tuple, list)) else "")
         )
     out = []
-    for name, dot, primal in zip(("x_dot", "w_dot", "b_dot"), tangents, args[:3], strict=True):
+    for name, dot, primal in zip(("x_dot", "w_dot", "b_dot"), tangents, head, strict=True):
         if dot is None:
             out.append(None)
             continue
@@ -154,91 +147,50 @@ def _check_tangents(tangents: Any, args: _linear.HeadArgs, has_bias: bool) -> _T
         if dot.shape != primal.shape:
             raise ValueError(f"{name} must have shape {primal.shape}, found {dot.shape}")
         out.append(dot)
-    return _Tangents(*out)
+    return _linear.Head(*out)
 
 
 @functools.lru_cache(maxsize=64)
-def _ggn_fn(config: Config, sched: _chunked.Schedule) -> Any:
-    def run(args: _linear.HeadArgs, dots: _Tangents) -> tuple[jax.Array, jax.Array, jax.Array]:
-        rows = args.rows()
-        ce_weight, z_weight, _ = _kernel.row_scales(config, rows, args.weights)
-        roles = _linear.arg_roles(config.soft)
-        dot_roles = _Tangents(
-            *(None if d is None else r for d, r in zip(dots, roles, strict=False))
-        )
+def _ggn_fn(sched: _chunked.Schedule) -> Any:
+    def run(head: _linear.Head, problem: Problem, head_dot: _linear.Head) -> tuple:
+        scales = problem.row_scales()[:2]
+        dots = _linear.Dots(head_dot, OptionDots())
+        dot_roles = _linear.Dots(_linear.roles_of(head_dot, _linear.HEAD_ROLES), OptionDots())
         gx, gw, gb = _tokens.over_tokens(
-            functools.partial(_scan, config, sched),
-            (args, dots, ce_weight, z_weight),
-            (roles, dot_roles, "T", "T"),
+            functools.partial(_scan, sched),
+            (head, problem, scales, dots),
+            (_linear.HEAD_ROLES, problem.roles(), ("T", "T"), dot_roles),
             ("T.", ".V", "V"),
         )
-        return gx.astype(args.x.dtype), gw.astype(args.w.dtype), gb.astype(args.b.dtype)
+        return gx.astype(head.x.dtype), gw.astype(head.w.dtype), gb.astype(head.bias.dtype)
 
     return jax.jit(run)
 
 
-class _Chunk(NamedTuple):
-    """One chunk of the per-token inputs."""
-
-    x: jax.Array
-    labels: jax.Array
-    counted: jax.Array
-    bad: jax.Array
-    ce_weight: jax.Array  # the token's weight of its cross-entropy in the reduction
-    z_weight: jax.Array  # the token's weight of its z-term
-    x_dot: jax.Array | None
-
-
-def _block(
-    config: Config,
-    args: _linear.HeadArgs,
-    dots: _Tangents,
-    c: _Chunk,
-    rows: Rows,
-    start: Any,
-    size: int,
-) -> tuple:
-    """Block ``[start, start + size)``: its logits, target, local options and ``z``'s tangent."""
-    blk = _chunked.block_logits(config, c.x, args.w, args.b, start, size)
-    target = _linear.block_target(config, args, rows, blk.s, start)
-    local = Arrays(lax.dynamic_slice_in_dim(args.weights, start, size), args.eps, args.z)
-    acc = blk.z.dtype
-    z_dot = jnp.zeros(blk.z.shape, acc)
-    if dots.x is not None:
-        z_dot = z_dot + jnp.dot(c.x_dot, blk.w, preferred_element_type=acc)
-    if dots.w is not None:
-        w_dot_b = lax.dynamic_slice_in_dim(dots.w, start, size, axis=1)
-        z_dot = z_dot + jnp.dot(c.x, w_dot_b, preferred_element_type=acc)
-    if dots.b is not None:
-        z_dot = z_dot + lax.dynamic_slice_in_dim(dots.b, start, size).astype(acc)[None, :]
-    return blk, target, local, z_dot
-
-
 def _scan(
-    config: Config,
     sched: _chunked.Schedule,
-    args: _linear.HeadArgs,
-    dots: _Tangents,
-    ce_weight: jax.Array,
-    z_weight: jax.Array,
+    head: _linear.Head,
+    problem: Problem,
+    scales: tuple[jax.Array, jax.Array],
+    dots: _linear.Dots,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(g_x, g_W, g_b)`` of this device's tokens: two passes over the blocks per chunk."""
-    x, w = args.x, args.w
+    config, x, w = problem.config, head.x, head.w
     dim, num_classes = w.shape
     acc = _chunked.accumulation_dtype(x, w)
-    block = functools.partial(_block, config, args, dots)
+    ctx = _linear.Pass(sched, head, problem, dots, 0)
 
-    def body(sums: dict, c: _Chunk, scan_zero: jax.Array) -> tuple[dict, jax.Array]:
-        rows = Rows(c.labels, c.counted, c.bad)
+    def body(sums: dict, c: _linear.Chunk, scan_zero: jax.Array) -> tuple[dict, jax.Array]:
+        rows = c.rows
 
         def pass_a(state: tuple, start: Any, size: int) -> tuple:
             st, tan = state
-            blk, target, _, z_dot = block(c, rows, start, size)
+            blk, target, _, logits_dot = _linear.block(ctx, c, rows, start, size, dot=True)
             new = _kernel.merge(st, _kernel.block_stats(blk.s, target))
             tan = _kernel.rebase_sum(tan, st.m, new.m)
-            return new, tan + _kernel.tangent_sum(blk.s, blk.ds, new.m, z_dot)
+            return new, tan + _kernel.tangent_sum(blk.s, blk.ds, new.m, logits_dot)
 
-        zeros = jnp.zeros(c.counted.shape, acc)
+        zeros = jnp.zeros(rows.counted.shape, acc)
         init = (_kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros), zeros)
         st, tan = _chunked.over_blocks(pass_a, init, num_classes, sched.block, scan_zero)
         empty = _kernel.finish(st)[2]
@@ -246,18 +198,18 @@ def _scan(
         p_dot = tan / jnp.where(rows.counted & ~empty, st.se, 1.0)
 
         def pass_b(g: dict, start: Any, size: int) -> dict:
-            blk, target, local, z_dot = block(c, rows, start, size)
+            blk, target, options, logits_dot = _linear.block(ctx, c, rows, start, size, dot=True)
             u = _kernel.curvature_block(
                 config,
                 rows,
-                local,
+                options,
                 blk.s,
                 blk.ds,
                 target,
                 st,
                 c.ce_weight,
                 c.z_weight,
-                z_dot,
+                logits_dot,
                 p_dot,
                 ggn=True,
             )
@@ -272,7 +224,7 @@ def _scan(
         g = _chunked.over_blocks(pass_b, init, num_classes, sched.block, scan_zero)
         return {"gw": g["gw"], "gb": g["gb"]}, g["gx"]
 
-    chunks = _Chunk(x, args.labels, args.counted, args.bad, ce_weight, z_weight, dots.x)
+    chunks = _linear.chunks_of(head, problem, scales, dots)
     sums = {"gw": jnp.zeros((dim, num_classes), acc), "gb": jnp.zeros((num_classes,), acc)}
     sums, gx = _chunked.scan_tokens(body, sums, chunks, sched.chunk)
     return gx, sums["gw"], sums["gb"]

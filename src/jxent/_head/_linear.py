@@ -15,16 +15,20 @@ running statistics with :func:`_kernel.merge` (the online softmax): the log-sum-
 Pass B forms each block's logits again and its rows of :math:`G` (:func:`_kernel.grad_block`),
 then :math:`dx \mathrel{+}= G_b W_b^\top`, :math:`dW_b \mathrel{+}= x^\top G_b` in place. That is
 :math:`8NDL` FLOPs against the materialised :math:`6NDL`, but every matmul has a long inner
-dimension and every buffer is ``[chunk, block]``. The vocab-parallel loss runs the same scan on
-each vocabulary shard and merges the shards' statistics with ``pmax``/``psum``.
+dimension and every buffer is ``[chunk, block]``; with one block over the whole vocabulary
+(``vocab_block_size=L``) both passes share the logits (:math:`6NDL`). The vocab-parallel loss
+runs the same scan on each vocabulary shard and merges the shards' statistics with
+``pmax``/``psum``.
 
-The derivative is a ``jax.custom_jvp`` (so forward mode, ``jax.hessian`` and ``jax.linearize``
-work). For ``"mean"``/``"sum"`` its rule runs pass B in the forward computation and the tangent
-is :math:`\langle dx, \dot x\rangle + \langle dW, \dot W\rangle + \langle db, \dot b\rangle`
-(plus the label terms), which transposes to exactly today's gradients. For ``"none"`` the rule
-contracts each block's :math:`G_b` with :math:`\dot z_b = \dot x W_b + x \dot W_b + \dot b_b`
-row by row; that map is linear, JAX transposes it for reverse mode, and ``jax.checkpoint``
-makes the transpose recompute :math:`G_b` instead of storing it.
+The derivative is a ``jax.custom_jvp`` of ``(head, problem)``: the differentiable
+:class:`Head` ``(x, w, bias)`` and the validated :class:`~jxent._problem.Problem`, whose
+tangents (probability labels, class weights, :math:`\varepsilon`, :math:`z`) arrive as a
+``Problem`` of tangents. For ``"mean"``/``"sum"`` its rule runs pass B in the forward
+computation and the tangent is :math:`\langle dx, \dot x\rangle + \langle dW, \dot W\rangle +
+\langle db, \dot b\rangle` (plus the option terms), which transposes to exactly the gradients.
+For ``"none"`` the rule contracts each block's :math:`G_b` with :math:`\dot z_b = \dot x W_b +
+x \dot W_b + \dot b_b` row by row; that map is linear, JAX transposes it for reverse mode, and
+``jax.checkpoint`` makes the transpose recompute :math:`G_b` instead of storing it.
 """
 
 from __future__ import annotations
@@ -40,50 +44,31 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from jxent import _kernel, _options, _validate
+from jxent import _kernel, _options, _problem, _validate
 from jxent._head import _chunked, _tokens
-from jxent._kernel import Rows
+from jxent._kernel import OptionDots, Rows
 from jxent._loss import Reduction
-from jxent._options import Arrays, Config
+from jxent._options import Arrays
+from jxent._problem import Problem
 
 
-class HeadArgs(NamedTuple):
-    """The loss's arguments after validation, in the custom_jvp's order.
+class Head(NamedTuple):
+    """The head's differentiable inputs.
 
     Attributes:
         x: Hidden states ``[N, D]``.
         w: Output projection ``[D, L]``.
-        b: Bias ``[L]`` (zeros without one).
-        labels: Class indices ``int32 [N]`` (clipped) or probabilities ``[N, L]``.
-        counted: ``bool [N]``: the token counts (``where``, ``ignore_index``).
-        bad: ``bool [N]``: counted with a label out of range (NaN loss).
-        weights: Class weights ``[L]`` (ones without them).
-        eps: Label smoothing (scalar).
-        z: z-loss coefficient (scalar).
+        bias: ``[L]`` (zeros without one).
     """
 
     x: jax.Array
     w: jax.Array
-    b: jax.Array
-    labels: jax.Array
-    counted: jax.Array
-    bad: jax.Array
-    weights: jax.Array
-    eps: jax.Array
-    z: jax.Array
-
-    def rows(self) -> Rows:
-        """The per-token facts the kernel takes."""
-        return Rows(self.labels, self.counted, self.bad)
-
-    def arrays(self) -> Arrays:
-        """The traced options the kernel takes."""
-        return Arrays(self.weights, self.eps, self.z)
+    bias: jax.Array
 
 
-def arg_roles(soft: bool) -> HeadArgs:
-    """Each argument's dimensions for ``_tokens``: ``T`` tokens, ``V`` classes, ``.`` neither."""
-    return HeadArgs("T.", ".V", "V", "TV" if soft else "T", "T", "T", "V", "", "")
+# Each input's dimensions for _tokens: T tokens, V classes (the vocab-parallel shard), . neither.
+HEAD_ROLES = Head("T.", ".V", "V")
+_OPTION_ROLES = OptionDots("TV", "V", "")
 
 
 def prepare(
@@ -94,8 +79,8 @@ def prepare(
     bias: ArrayLike | None,
     where: ArrayLike | None,
     options: dict[str, Any],
-) -> tuple[Config, HeadArgs]:
-    """Validates the arguments; returns the static config and the custom_jvp's arguments."""
+) -> tuple[Head, Problem]:
+    """Validates the arguments once; returns the head and the problem."""
     _options.check_option_names(options, function)
     if "axis" in options:
         raise TypeError(f"{function}() has no axis option: classes are w's columns")
@@ -109,23 +94,18 @@ def prepare(
             f"{function}: where must be a token mask of shape ({num_tokens},); a per-logit mask "
             f"needs the logits, which this loss never forms (use softmax_cross_entropy)"
         )
-    config, arrays = _options.prepare(
-        batch_shape=(num_tokens,),
+    problem = _problem.build(
+        labels=labels,
+        row_mask=row_mask,
+        class_mask=None,
+        num_rows=num_tokens,
         num_classes=num_classes,
         soft=soft,
         compute_dtype=_chunked.accumulation_dtype(x, w),
-        **options,
+        options=options,
     )
-    if row_mask is None:
-        row_mask = jnp.ones((num_tokens,), bool)
-    if soft:
-        rows = Rows(labels, row_mask, jnp.zeros((num_tokens,), bool))
-    else:
-        _validate.check_label_range(labels, num_classes, config.ignore_index, row_mask)
-        rows = _kernel.integer_rows(config, labels, row_mask)
-    rows = rows._replace(bad=rows.bad | _options.bad_option(config, arrays))
-    b = jnp.zeros((num_classes,), w.dtype) if bias is None else jnp.asarray(bias)
-    return config, HeadArgs(x, w, b, *rows, *arrays)
+    bias = jnp.zeros((num_classes,), w.dtype) if bias is None else jnp.asarray(bias)
+    return Head(x, w, bias), problem
 
 
 def check_shapes(x: jax.Array, w: jax.Array, bias: ArrayLike | None) -> tuple[int, int]:
@@ -144,24 +124,12 @@ def check_shapes(x: jax.Array, w: jax.Array, bias: ArrayLike | None) -> tuple[in
     return x.shape[0], w.shape[1]
 
 
-def block_target(
-    config: Config, args: HeadArgs, rows: Rows, s: jax.Array, start: Any, offset: Any = 0
-) -> _kernel.Target:
-    """The target of columns ``[start, start + size)`` of this shard (its first is ``offset``).
-
-    Probability labels and class weights are sliced locally; class indices are compared with
-    global column numbers.
-    """
-    size = s.shape[1]
-    weights = lax.dynamic_slice_in_dim(args.weights, start, size) if config.has_weights else None
-    if config.soft:
-        q = lax.dynamic_slice_in_dim(rows.labels, start, size, axis=1)
-        return _kernel.target_block(config, q, weights, args.eps, s, 0)
-    return _kernel.target_block(config, rows.labels, weights, args.eps, s, start + offset)
-
-
 def _zero(t: Any) -> bool:
     return t is None or isinstance(t, SymbolicZero)
+
+
+def _nonzero(t: Any) -> Any:
+    return None if _zero(t) else t
 
 
 class _Derivatives(NamedTuple):
@@ -169,10 +137,10 @@ class _Derivatives(NamedTuple):
 
     x: bool = False
     w: bool = False
-    b: bool = False
+    bias: bool = False
     labels: bool = False
     weights: bool = False
-    eps: bool = False
+    label_smoothing: bool = False
 
 
 class _Outputs(NamedTuple):
@@ -183,192 +151,217 @@ class _Outputs(NamedTuple):
     lse: jax.Array | None = None  # its log-sum-exp
     tangent: jax.Array | None = None  # the per-token tangent (forward mode, reduction "none")
     dx: jax.Array | None = None
-    dq: jax.Array | None = None  # d/d(probability labels)
+    dlabels: jax.Array | None = None  # d/d(probability labels)
     dw: jax.Array | None = None
-    db: jax.Array | None = None
+    dbias: jax.Array | None = None
     dweights: jax.Array | None = None
-    deps: jax.Array | None = None
+    dlabel_smoothing: jax.Array | None = None
 
 
 _OUTPUT_ROLES = _Outputs("T", "T", "T", "T", "T.", "TV", ".V", "V", "V", "")
-_SUMS = ("dw", "db", "dweights", "deps")  # the scan's carry: sums over chunks
+_SUMS = ("dw", "dbias", "dweights", "dlabel_smoothing")  # the scan's carry: sums over chunks
 
 
-class _Chunk(NamedTuple):
+class Chunk(NamedTuple):
     """One chunk of the per-token inputs."""
 
     x: jax.Array
-    labels: jax.Array
-    counted: jax.Array
-    bad: jax.Array
+    rows: Rows
     ce_weight: jax.Array  # the token's weight of its cross-entropy in the reduction
     z_weight: jax.Array  # the token's weight of its z-term
     x_dot: jax.Array | None = None
-    q_dot: jax.Array | None = None
+    labels_dot: jax.Array | None = None
 
 
-class _Head(NamedTuple):
-    """What every pass body reads: the static config and schedule, the head, the tangents."""
+class Dots(NamedTuple):
+    """The tangents a pass contracts with (None where zero)."""
 
-    config: Config
+    head: Head
+    options: OptionDots
+
+
+class Pass(NamedTuple):
+    """What every pass body reads: the schedule, the head, the problem, the tangents."""
+
     sched: _chunked.Schedule
-    args: HeadArgs
-    dots: HeadArgs | None
+    head: Head
+    problem: Problem
+    dots: Dots | None
     offset: Any  # global column of this shard's first class
 
 
-def _block(head: _Head, c: _Chunk, rows: Rows, start: Any, size: int, dot: bool = False):
-    """Block ``[start, start + size)``: its logits, target, local options and ``z``'s tangent."""
-    args, dots = head.args, head.dots
-    blk = _chunked.block_logits(head.config, c.x, args.w, args.b, start, size)
-    target = block_target(head.config, args, rows, blk.s, start, head.offset)
-    local = Arrays(lax.dynamic_slice_in_dim(args.weights, start, size), args.eps, args.z)
-    z_dot = None
+class _BlockParts(NamedTuple):
+    """Block ``[start, start + size)`` of one chunk, as every pass needs it."""
+
+    blk: _chunked.Block
+    target: _kernel.Target
+    options: Arrays  # the problem's options with this block's class weights
+    logits_dot: jax.Array | None  # the block's logits' tangent, when asked for
+
+
+def block(ctx: Pass, c: Chunk, rows: Rows, start: Any, size: int, dot: bool = False):
+    """Block ``[start, start + size)``: its logits, target, local options, logits' tangent."""
+    head, problem, config = ctx.head, ctx.problem, ctx.problem.config
+    blk = _chunked.block_logits(config, c.x, head.w, head.bias, start, size)
+    options = problem.options
+    weights = lax.dynamic_slice_in_dim(options.weights, start, size)
+    if config.soft:  # probabilities sliced locally, class indices compared with global columns
+        labels, first = lax.dynamic_slice_in_dim(rows.labels, start, size, axis=1), 0
+    else:
+        labels, first = rows.labels, start + ctx.offset
+    class_weights = weights if config.has_weights else None
+    target = _kernel.target_block(
+        config, labels, class_weights, options.label_smoothing, blk.s, first
+    )
+    logits_dot = None
     if dot:
-        acc = blk.z.dtype
-        z_dot = jnp.zeros(blk.z.shape, acc)
-        if not _zero(dots.x):
-            z_dot = z_dot + jnp.dot(c.x_dot, blk.w, preferred_element_type=acc)
-        if not _zero(dots.w):
-            w_dot = lax.dynamic_slice_in_dim(dots.w, start, size, axis=1)
-            z_dot = z_dot + jnp.dot(c.x, w_dot, preferred_element_type=acc)
-        if not _zero(dots.b):
-            z_dot = z_dot + lax.dynamic_slice_in_dim(dots.b, start, size).astype(acc)[None, :]
-    return blk, target, local, z_dot
+        head_dot, acc = ctx.dots.head, blk.logits.dtype
+        logits_dot = jnp.zeros(blk.logits.shape, acc)
+        if head_dot.x is not None:
+            logits_dot = logits_dot + jnp.dot(c.x_dot, blk.w, preferred_element_type=acc)
+        if head_dot.w is not None:
+            w_dot = lax.dynamic_slice_in_dim(head_dot.w, start, size, axis=1)
+            logits_dot = logits_dot + jnp.dot(c.x, w_dot, preferred_element_type=acc)
+        if head_dot.bias is not None:
+            bias_dot = lax.dynamic_slice_in_dim(head_dot.bias, start, size)
+            logits_dot = logits_dot + bias_dot.astype(acc)[None, :]
+    return _BlockParts(blk, target, options._replace(weights=weights), logits_dot)
 
 
-def _stats_pass(head: _Head, c: _Chunk, rows: Rows, scan_zero: jax.Array) -> _kernel.Stats:
+def stats_pass(ctx: Pass, c: Chunk, rows: Rows, scan_zero: jax.Array) -> _kernel.Stats:
     """Pass A: the chunk's online-softmax statistics over every block (and vocab shard)."""
 
     def fold(st: _kernel.Stats, start: Any, size: int) -> _kernel.Stats:
-        blk, target, _, _ = _block(head, c, rows, start, size)
-        return _kernel.merge(st, _kernel.block_stats(blk.s, target))
+        part = block(ctx, c, rows, start, size)
+        return _kernel.merge(st, _kernel.block_stats(part.blk.s, part.target))
 
-    zeros = jnp.zeros(c.counted.shape, _chunked.accumulation_dtype(c.x, head.args.w))
+    zeros = jnp.zeros(c.rows.counted.shape, _chunked.accumulation_dtype(c.x, ctx.head.w))
     init = _kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros)
-    st = _chunked.over_blocks(fold, init, head.args.w.shape[1], head.sched.block, scan_zero)
-    return st if head.sched.vocab_axis is None else _merge_shards(st, head.sched.vocab_axis)
+    st = _chunked.over_blocks(fold, init, ctx.head.w.shape[1], ctx.sched.block, scan_zero)
+    return st if ctx.sched.vocab_axis is None else _merge_shards(st, ctx.sched.vocab_axis)
 
 
 def _grads_pass(
-    head: _Head, c: _Chunk, rows: Rows, st: _kernel.Stats, want: _Derivatives, sums: dict, scan_zero
+    ctx: Pass, c: Chunk, rows: Rows, st: _kernel.Stats, want: _Derivatives, sums: dict, scan_zero
 ) -> tuple[dict, dict]:
-    """Pass B: each block's rows of G, into dx, dq (per token) and the sums dW, db, ..."""
-    config, x = head.config, c.x
+    """Pass B: each block's rows of G, into dx, dlabels (per token) and the sums dW, db, ..."""
+    config, x = ctx.problem.config, c.x
     acc = st.se.dtype
 
     def fold(g: dict, start: Any, size: int) -> dict:
-        blk, target, local, _ = _block(head, c, rows, start, size)
+        blk, target, options, _ = block(ctx, c, rows, start, size)
         grad = _kernel.grad_block(
-            config, rows, local, blk.s, blk.ds, target, st, c.ce_weight, c.z_weight
+            config, rows, options, blk.s, blk.ds, target, st, c.ce_weight, c.z_weight
         )
-        g, g_in = dict(g), grad.astype(x.dtype)
+        g, grad_in = dict(g), grad.astype(x.dtype)
         if want.x:
-            g["dx"] = g["dx"] + _chunked.matmul(g_in, blk.w.T, acc)
+            g["dx"] = g["dx"] + _chunked.matmul(grad_in, blk.w.T, acc)
         if want.w:
-            g["dw"] = _chunked.add_columns(g["dw"], _chunked.matmul(x.T, g_in, acc), start, 1)
-        if want.b:
-            g["db"] = _chunked.add_columns(g["db"], jnp.sum(grad, axis=0), start, 0)
-        if want.labels or want.weights or want.eps:
-            coef = _kernel.label_coefficients(config, rows, local, blk.s, target, st, c.ce_weight)
+            g["dw"] = _chunked.add_columns(g["dw"], _chunked.matmul(x.T, grad_in, acc), start, 1)
+        if want.bias:
+            g["dbias"] = _chunked.add_columns(g["dbias"], jnp.sum(grad, axis=0), start, 0)
+        if want.labels or want.weights or want.label_smoothing:
+            # The transpose of _kernel.option_tangent: the same coefficients, summed.
+            coef = _kernel.label_coefficients(config, rows, options, blk.s, target, st, c.ce_weight)
             if want.labels:
-                g["dq"] = lax.dynamic_update_slice_in_dim(g["dq"], coef.labels, start, 1)
+                g["dlabels"] = lax.dynamic_update_slice_in_dim(g["dlabels"], coef.labels, start, 1)
             if want.weights:
                 g["dweights"] = _chunked.add_columns(
                     g["dweights"], jnp.sum(coef.weights, axis=0), start, 0
                 )
-            if want.eps:
-                g["deps"] = g["deps"] + jnp.sum(coef.smoothing)
+            if want.label_smoothing:
+                g["dlabel_smoothing"] = g["dlabel_smoothing"] + jnp.sum(coef.smoothing)
         return g
 
+    num_classes = ctx.head.w.shape[1]
     per_token = {"dx": jnp.zeros(x.shape, acc) if want.x else None}
-    per_token["dq"] = jnp.zeros((x.shape[0], head.args.w.shape[1]), acc) if want.labels else None
-    g = _chunked.over_blocks(
-        fold, per_token | sums, head.args.w.shape[1], head.sched.block, scan_zero
-    )
+    per_token["dlabels"] = jnp.zeros((x.shape[0], num_classes), acc) if want.labels else None
+    g = _chunked.over_blocks(fold, per_token | sums, num_classes, ctx.sched.block, scan_zero)
     return {k: g[k] for k in sums}, {k: g[k] for k in per_token if g[k] is not None}
 
 
-def _tangent_pass(head: _Head, c: _Chunk, rows: Rows, st: _kernel.Stats, scan_zero) -> jax.Array:
-    """The per-token tangent ``<G_i, z_dot_i>`` (+ label terms), block by block."""
-    config, dots = head.config, head.dots
+def _tangent_pass(ctx: Pass, c: Chunk, rows: Rows, st: _kernel.Stats, scan_zero) -> jax.Array:
+    """The per-token tangent ``<G_i, z_dot_i>`` plus the option terms, block by block."""
+    config, option_dots = ctx.problem.config, ctx.dots.options
 
-    def contract(c: _Chunk, st: _kernel.Stats, start: Any, size: int) -> jax.Array:
-        blk, target, local, z_dot = _block(head, c, rows, start, size, dot=True)
+    def contract(c: Chunk, st: _kernel.Stats, start: Any, size: int) -> jax.Array:
+        blk, target, options, logits_dot = block(ctx, c, rows, start, size, dot=True)
         grad = _kernel.grad_block(
-            config, rows, local, blk.s, blk.ds, target, st, c.ce_weight, c.z_weight
+            config, rows, options, blk.s, blk.ds, target, st, c.ce_weight, c.z_weight
         )
-        out = jnp.sum(grad * z_dot, axis=1)
-        if _zero(dots.labels) and _zero(dots.weights) and _zero(dots.eps):
-            return out
-        coef = _kernel.label_coefficients(config, rows, local, blk.s, target, st, c.ce_weight)
-        if config.soft and not _zero(dots.labels):
-            q_dot_b = lax.dynamic_slice_in_dim(c.q_dot, start, size, axis=1)
-            out = out + jnp.sum(coef.labels * q_dot_b, axis=1)
-        if not _zero(dots.weights):
-            w_dot = lax.dynamic_slice_in_dim(dots.weights, start, size)
-            out = out + jnp.sum(coef.weights * w_dot[None, :], axis=1)
-        if not _zero(dots.eps):
-            out = out + jnp.sum(coef.smoothing, axis=1) * dots.eps
-        return out
+        labels_dot = None
+        if c.labels_dot is not None:
+            labels_dot = lax.dynamic_slice_in_dim(c.labels_dot, start, size, axis=1)
+        weights_dot = None
+        if option_dots.weights is not None:
+            weights_dot = lax.dynamic_slice_in_dim(option_dots.weights, start, size)
+        dots = OptionDots(labels_dot, weights_dot, option_dots.label_smoothing)
+        out = _kernel.option_tangent(config, rows, options, blk.s, target, st, c.ce_weight, dots)
+        return out + jnp.sum(grad * logits_dot, axis=1)
 
     def fold(t: jax.Array, start: Any, size: int) -> jax.Array:
         # Checkpointed: reverse mode recomputes G_b instead of keeping an [N, L] residual.
         return t + jax.checkpoint(contract, static_argnums=3)(c, st, start, size)
 
-    zeros = jnp.zeros(c.counted.shape, st.se.dtype)
-    return _chunked.over_blocks(fold, zeros, head.args.w.shape[1], head.sched.block, scan_zero)
+    zeros = jnp.zeros(c.rows.counted.shape, st.se.dtype)
+    return _chunked.over_blocks(fold, zeros, ctx.head.w.shape[1], ctx.sched.block, scan_zero)
+
+
+def chunks_of(head: Head, problem: Problem, scales: tuple, dots: Dots | None = None) -> Chunk:
+    """The per-token inputs that the scan splits into chunks."""
+    x_dot = None if dots is None else dots.head.x
+    labels_dot = None if dots is None else dots.options.labels
+    return Chunk(head.x, problem.rows, *scales, x_dot, labels_dot)
 
 
 def _scan(
-    config: Config,
     sched: _chunked.Schedule,
     want: _Derivatives,
-    args: HeadArgs,
-    ce_weight: jax.Array,
-    z_weight: jax.Array,
-    dots: HeadArgs | None = None,
+    head: Head,
+    problem: Problem,
+    scales: tuple[jax.Array, jax.Array],
+    dots: Dots | None = None,
 ) -> _Outputs:
     """Per-token losses and what ``want`` asks for, or (``dots``) the per-token tangent.
 
     Runs on the tokens and vocabulary of one device: inside ``shard_map`` over a vocabulary
-    axis (``sched.vocab_axis``), ``w``, ``b``, the class weights and probability labels are
+    axis (``sched.vocab_axis``), ``w``, ``bias``, the class weights and probability labels are
     the local shard, each chunk's statistics are merged across shards before pass B, and the
-    partial sums over classes (``dx``, the tangent, ``deps``) are ``psum``-ed at the end.
+    partial sums over classes (``dx``, the tangent, ``dlabel_smoothing``) are ``psum``-ed at the
+    end. ``scales``: each token's weight of its cross-entropy and of its z-term.
     """
-    x, w = args.x, args.w
-    acc = _chunked.accumulation_dtype(x, w)
+    config, w = problem.config, head.w
+    acc = _chunked.accumulation_dtype(head.x, w)
     offset = 0
     if sched.vocab_axis is not None:
         offset = lax.axis_index(sched.vocab_axis) * w.shape[1]
-    head = _Head(config, sched, args, dots, offset)
-    q_dot = dots.labels if dots is not None and config.soft else None
-    x_dot = None if dots is None else dots.x
-    chunks = _Chunk(x, args.labels, args.counted, args.bad, ce_weight, z_weight, x_dot, q_dot)
-    shapes = {"dw": w.shape, "db": w.shape[1:], "dweights": w.shape[1:], "deps": ()}
+    ctx = Pass(sched, head, problem, dots, offset)
+    shapes = {"dw": w.shape, "dbias": w.shape[1:], "dweights": w.shape[1:]}
+    shapes["dlabel_smoothing"] = ()
     sums = {k: jnp.zeros(shapes[k], acc) for k in _SUMS if getattr(want, k[1:])}
 
-    def body(sums: dict, c: _Chunk, scan_zero: jax.Array) -> tuple[dict, dict]:
-        rows = Rows(c.labels, c.counted, c.bad)
-        st = _stats_pass(head, c, rows, scan_zero)
+    def body(sums: dict, c: Chunk, scan_zero: jax.Array) -> tuple[dict, dict]:
+        rows = c.rows
+        st = stats_pass(ctx, c, rows, scan_zero)
         lse, ce, empty = _kernel.finish(st)
         rows = rows._replace(bad=rows.bad | (rows.counted & empty))
-        loss = _kernel.row_losses(config, rows, args.arrays(), ce, lse, c.ce_weight, c.z_weight)
+        loss = _kernel.row_losses(config, rows, problem.options, ce, lse, c.ce_weight, c.z_weight)
         out = {"loss": loss, "ce": jnp.where(rows.counted, ce, 0.0), "lse": lse}
         if dots is not None:
-            return sums, out | {"tangent": _tangent_pass(head, c, rows, st, scan_zero)}
+            return sums, out | {"tangent": _tangent_pass(ctx, c, rows, st, scan_zero)}
         if not any(want):
             return sums, out
-        sums, per_token = _grads_pass(head, c, rows, st, want, sums, scan_zero)
+        sums, per_token = _grads_pass(ctx, c, rows, st, want, sums, scan_zero)
         return sums, out | per_token
 
+    chunks = chunks_of(head, problem, scales, dots)
     sums, per_token = _chunked.scan_tokens(body, sums, chunks, sched.chunk)
     out = _Outputs(**per_token, **sums)
     if sched.vocab_axis is not None:  # partial sums over this shard's classes
         out = out._replace(
             **{
                 k: lax.psum(getattr(out, k), sched.vocab_axis)
-                for k in ("tangent", "dx", "deps")
+                for k in ("tangent", "dx", "dlabel_smoothing")
                 if getattr(out, k) is not None
             }
         )
@@ -382,87 +375,94 @@ def _merge_shards(stats: _kernel.Stats, axis_name: str) -> _kernel.Stats:
     return _kernel.Stats(m, *(lax.psum(v, axis_name) for v in local[1:]))
 
 
+def _dots_of(problem: Problem, head_dot: Head, problem_dot: Problem) -> tuple[Dots, Any]:
+    """The nonzero tangents of the head and of the target's inputs, and the z-loss's."""
+    labels_dot = _nonzero(problem_dot.rows.labels) if problem.config.soft else None
+    options = OptionDots(
+        labels_dot,
+        _nonzero(problem_dot.options.weights),
+        _nonzero(problem_dot.options.label_smoothing),
+    )
+    head = Head(*(_nonzero(d) for d in head_dot))
+    return Dots(head, options), _nonzero(problem_dot.options.z_loss)
+
+
 @functools.lru_cache(maxsize=64)
-def _loss_fn(config: Config, sched: _chunked.Schedule) -> Any:
-    """The loss for one static config and schedule, as a custom_jvp over the chunked scan."""
+def _loss_fn(sched: _chunked.Schedule) -> Any:
+    """The loss for one schedule, as a custom_jvp of ``(head, problem)`` over the scan."""
 
     @jax.custom_jvp
-    def loss_fn(*args):
-        args = HeadArgs(*args)
-        ce_weight, z_weight, _ = _kernel.row_scales(config, args.rows(), args.weights)
-        return _reduce(config, _run(config, sched, _Derivatives(), args, ce_weight, z_weight).loss)
+    def loss_fn(head: Head, problem: Problem) -> jax.Array:
+        scales = problem.row_scales()[:2]
+        return _reduce(problem, _run(sched, _Derivatives(), head, problem, scales).loss)
 
-    def loss_jvp(primals, tangents):
-        args, dots = HeadArgs(*primals), HeadArgs(*tangents)
-        rows = args.rows()
-        ce_weight, z_weight, n = _kernel.row_scales(config, rows, args.weights)
+    def loss_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+        (head, problem), (head_dot, problem_dot) = primals, tangents
+        config, rows = problem.config, problem.rows
+        dots, z_dot = _dots_of(problem, head_dot, problem_dot)
+        ce_weight, z_weight, n = problem.row_scales()
+        scales = (ce_weight, z_weight)
         if config.reduction == "none":
-            out = _run(config, sched, _Derivatives(), args, ce_weight, z_weight, dots)
+            out = _run(sched, _Derivatives(), head, problem, scales, dots)
             tangent = out.tangent
         else:
-            want = _Derivatives(
-                *(not _zero(t) for t in (dots.x, dots.w, dots.b)),
-                config.soft and not _zero(dots.labels),
-                not _zero(dots.weights),
-                not _zero(dots.eps),
-            )
-            out = _run(config, sched, want, args, ce_weight, z_weight)
+            pairs = (*zip(dots.head, ("dx", "dw", "dbias"), strict=True),)
+            pairs += ((dots.options.labels, "dlabels"), (dots.options.weights, "dweights"))
+            pairs += ((dots.options.label_smoothing, "dlabel_smoothing"),)
+            want = _Derivatives(*(d is not None for d, _ in pairs))
+            out = _run(sched, want, head, problem, scales)
             tangent = jnp.zeros((), out.loss.dtype)
-            grads = (out.dx, out.dw, out.db, out.dq, out.dweights, out.deps)
-            pairs = zip(grads, (*dots[:3], dots.labels, dots.weights, dots.eps), strict=True)
-            for grad, dot in pairs:
-                if grad is not None:
+            for dot, name in pairs:
+                if dot is not None:
+                    grad = getattr(out, name)
                     tangent = tangent + jnp.sum(grad * dot.astype(grad.dtype))
-            if want.weights:
+            if dots.options.weights is not None:
+                mean_ce = jnp.sum(ce_weight * out.ce)
                 d_w = _kernel.weights_denominator_grad(
-                    config, rows, jnp.sum(ce_weight * out.ce), _kernel.denominator(rows.counted, n)
+                    config, rows, mean_ce, _kernel.denominator(rows.counted, n)
                 )
                 if d_w is not None:
-                    tangent = tangent + jnp.sum(d_w * dots.weights)
-        if not _zero(dots.z):
-            lse = _kernel.safe_lse(rows, out.lse)
-            z_term = jnp.where(rows.counted, z_weight * lse**2, 0.0) * dots.z
-            tangent = tangent + (z_term if config.reduction == "none" else jnp.sum(z_term))
-        tangent = jnp.where(
-            args.bad if config.reduction == "none" else jnp.any(args.bad), jnp.nan, tangent
-        )
-        return _reduce(config, out.loss), tangent.astype(out.loss.dtype)
+                    tangent = tangent + jnp.sum(d_w * dots.options.weights)
+        if z_dot is not None:
+            z_term = _kernel.z_tangent(rows, out.lse, z_weight, z_dot)
+            tangent = tangent + _reduce(problem, z_term)
+        bad = rows.bad if config.reduction == "none" else jnp.any(rows.bad)
+        tangent = jnp.where(bad, jnp.nan, tangent)
+        return _reduce(problem, out.loss), tangent.astype(out.loss.dtype)
 
     loss_fn.defjvp(loss_jvp, symbolic_zeros=True)
-    return jax.jit(loss_fn)  # one compiled program for eager calls, as in _loss._loss_fn
+    return jax.jit(loss_fn)  # one compiled program for eager calls, as _loss._loss
 
 
-def _reduce(config: Config, per_token: jax.Array) -> jax.Array:
-    return per_token if config.reduction == "none" else jnp.sum(per_token)
+def _reduce(problem: Problem, per_token: jax.Array) -> jax.Array:
+    return per_token if problem.config.reduction == "none" else jnp.sum(per_token)
+
+
+def roles_of(tree: Any, roles: Any) -> Any:
+    """``roles`` with None where ``tree`` has None (a zero tangent)."""
+    return jax.tree.map(lambda r, v: None if v is None else r, roles, tree)
 
 
 def _run(
-    config: Config,
     sched: _chunked.Schedule,
     want: _Derivatives,
-    args: HeadArgs,
-    ce_weight: jax.Array,
-    z_weight: jax.Array,
-    dots: HeadArgs | None = None,
+    head: Head,
+    problem: Problem,
+    scales: tuple[jax.Array, jax.Array],
+    dots: Dots | None = None,
 ) -> _Outputs:
     """:func:`_scan` on each device's tokens (and vocabulary shard, for the vocab-parallel loss)."""
+    dot_roles = None
     if dots is not None:
-        dots = HeadArgs(*(None if _zero(d) else d for d in dots))
-        dots = dots._replace(labels=dots.labels if config.soft else None)
-    roles = arg_roles(config.soft)
-    dot_roles = (
-        None
-        if dots is None
-        else HeadArgs(*(None if d is None else r for d, r in zip(dots, roles, strict=True)))
-    )
-    names = ("dx", "dw", "db", "dq", "dweights", "deps")
+        dot_roles = Dots(roles_of(dots.head, HEAD_ROLES), roles_of(dots.options, _OPTION_ROLES))
+    names = ("dx", "dw", "dbias", "dlabels", "dweights", "dlabel_smoothing")
     present = {"loss", "ce", "lse"} | {k for k, on in zip(names, want, strict=True) if on}
     if dots is not None:
         present.add("tangent")
     out_roles = _OUTPUT_ROLES._replace(**{k: None for k in _Outputs._fields if k not in present})
-    fn = functools.partial(_scan, config, sched, want)
-    operands = (args, ce_weight, z_weight, dots)
-    in_roles = (roles, "T", "T", dot_roles)
+    fn = functools.partial(_scan, sched, want)
+    operands = (head, problem, scales, dots)
+    in_roles = (HEAD_ROLES, problem.roles(), ("T", "T"), dot_roles)
     if sched.vocab_axis is not None:
         return _tokens.shard_map_over(
             fn, operands, in_roles, out_roles, sched.mesh, sched.token_axes, sched.vocab_axis
@@ -554,9 +554,10 @@ def linear_cross_entropy(
     options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
     options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
     options |= {"logit_softcap": logit_softcap}
-    config, args = prepare("linear_cross_entropy", x, w, labels, bias, where, options)
-    sched = _chunked.schedule(args.x.shape[0], config.num_classes, chunk_size, vocab_block_size)
-    return _loss_fn(config, sched)(*args)
+    head, problem = prepare("linear_cross_entropy", x, w, labels, bias, where, options)
+    num_classes = problem.config.num_classes
+    sched = _chunked.schedule(head.x.shape[0], num_classes, chunk_size, vocab_block_size)
+    return _loss_fn(sched)(head, problem)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -626,16 +627,17 @@ def vocab_parallel_linear_cross_entropy(
     options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
     options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
     options |= {"logit_softcap": logit_softcap}
-    config, args = prepare(
+    head, problem = prepare(
         "vocab_parallel_linear_cross_entropy", x, w, labels, bias, where, options
     )
+    config = problem.config
     if config.num_classes % shards:
         raise ValueError(
             f"w has L = {config.num_classes} classes, which do not divide over the {shards} "
             f"devices of mesh axis {axis_name!r}"
         )
-    token_axes = _tokens.vocab_parallel_token_axes(args.x, mesh, axis_name)
-    num_tokens = args.x.shape[0] // math.prod(mesh.shape[a] for a in token_axes)
+    token_axes = _tokens.vocab_parallel_token_axes(head.x, mesh, axis_name)
+    num_tokens = head.x.shape[0] // math.prod(mesh.shape[a] for a in token_axes)
     sched = _chunked.schedule(
         num_tokens,
         config.num_classes // shards,
@@ -645,4 +647,4 @@ def vocab_parallel_linear_cross_entropy(
         mesh=mesh,
         token_axes=token_axes,
     )
-    return _loss_fn(config, sched)(*args)
+    return _loss_fn(sched)(head, problem)

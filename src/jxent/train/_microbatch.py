@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jxent import _kernel, _loss
+from jxent._options import Arrays, Config
+from jxent._problem import Problem
 from jxent._vjp import logits_only
 
 PyTree = Any
@@ -117,15 +119,18 @@ def mean_denominators(
             f"{labels.shape}, found {jnp.shape(where)}"
         )
     counted = jnp.ones(shape, bool) if where is None else jnp.asarray(where, bool)
-    n = jnp.ones(shape, jnp.promote_types(jnp.float32, jnp.result_type(float)))
-    if not soft:
-        if ignore_index is not None:
-            counted = counted & ~_kernel.label_equals(labels, ignore_index)
-        if weights is not None:
-            weights = jnp.asarray(weights, n.dtype)
-            index = jnp.clip(labels.astype(jnp.int32), 0, weights.shape[0] - 1)
-            n = _kernel.per_row_lookup(weights, index)
-    return _kernel.denominator(counted, n), _kernel.denominator(counted, jnp.ones_like(n))
+    counted = counted.reshape(-1)
+    dtype = jnp.promote_types(jnp.float32, jnp.result_type(float))
+    # The loss's own problem, without logits: only the rows and the class weights matter.
+    num_classes = jnp.iinfo(jnp.int32).max if weights is None else jnp.shape(weights)[0]
+    config = Config("mean", num_classes, soft, ignore_index, has_weights=weights is not None)
+    if soft:
+        rows = _kernel.Rows(labels, counted, jnp.zeros_like(counted))
+    else:
+        rows = _kernel.integer_rows(config, labels.reshape(-1), counted)
+    class_weights = jnp.ones((1,), dtype) if weights is None else jnp.asarray(weights, dtype)
+    options = Arrays(class_weights, jnp.zeros((), dtype), jnp.zeros((), dtype))
+    return Problem(config, rows, options).mean_denominators()
 
 
 class Totals(NamedTuple):
@@ -142,8 +147,8 @@ def micro_options(options: dict[str, Any], logits: jax.ShapeDtypeStruct, labels:
     """``(options of each micro-batch, denominator of the sum)`` for the whole batch's loss."""
     if options.get("reduction", "mean") == "sum":
         return options, None
-    problem = _loss.prepare("step", jnp.zeros(logits.shape, logits.dtype), labels, **options)
-    ce_denominator, z_denominator = _loss.mean_denominators(problem)
+    problem, _ = _loss.prepare_problem("step", logits, labels, **options)
+    ce_denominator, z_denominator = problem.mean_denominators()
     micro = {**options, "reduction": "sum"}
     if "z_loss" in options:
         micro["z_loss"] = jnp.asarray(options["z_loss"]) * ce_denominator / z_denominator

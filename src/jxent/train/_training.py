@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jxent._curvature import gnb_diagonal
-from jxent._loss import counted_rows, prepare, softmax_cross_entropy
+from jxent._loss import Prepared, prepare, softmax_cross_entropy
 from jxent._options import (
     check_option_names,
     merged,
@@ -136,13 +136,17 @@ def accuracy(
         ``(accuracy, count)``: the fraction of counted examples predicted right (0 when none
         counts) and how many counted, both float32 scalars.
     """
-    problem = prepare("accuracy", logits, labels, **loss_options)
-    args = problem.args
-    scores, labels_rows, class_mask = args.x, args.labels, args.class_mask
-    counted = counted_rows(problem)
-    if class_mask is not None:
-        scores = jnp.where(class_mask, scores, -jnp.inf)
-    target = jnp.argmax(labels_rows, axis=-1) if problem.config.soft else labels_rows
+    return accuracy_of(prepare("accuracy", logits, labels, **loss_options))
+
+
+def accuracy_of(prepared: Prepared) -> tuple[jax.Array, jax.Array]:
+    """:func:`accuracy` of a validated call (the step's own, not validated again)."""
+    problem, scores = prepared.problem, prepared.logits
+    counted = problem.counted_rows()
+    if problem.class_mask is not None:
+        scores = jnp.where(problem.class_mask, scores, -jnp.inf)
+    labels = problem.rows.labels
+    target = jnp.argmax(labels, axis=-1) if problem.config.soft else labels
     right = counted & (jnp.argmax(scores, axis=-1) == target)
     count = jnp.sum(counted).astype(jnp.float32)
     return jnp.sum(right).astype(jnp.float32) / jnp.maximum(count, 1.0), count
@@ -240,7 +244,7 @@ def make_step(
             return stateful(params, x, model_state, key)
 
         out = loss_grads_and_logits(run, params, x, labels, loss_options, options, "step", has_aux)
-        return out, accuracy(out.logits, labels, **merged(loss_options, options, "step"))
+        return out, accuracy_of(out.prepared)
 
     def step(state: TrainState, x: Any, labels: Any, **options: Any) -> tuple[TrainState, Metrics]:
         key = None
