@@ -22,6 +22,7 @@ IGNORE = -100
 @pytest.fixture
 def small_vocab_blocks(monkeypatch):
     monkeypatch.setattr(_chunked, "_VOCAB_BLOCK", 5)
+    monkeypatch.setattr(_chunked, "_ONE_PASS_ELEMENTS", 0)  # blocks, not one pass per chunk
 
 
 def inputs(key, soft=False):
@@ -139,6 +140,18 @@ def test_default_chunk_size_is_picked_from_the_shapes():
     assert _chunked.default_chunk_size(5, 1000) == 8
     assert _chunked.default_chunk_size(4096, 262144) == 4096
     assert _chunked.default_chunk_size(4096, 1000) == 4096
+
+
+def test_one_pass_per_chunk_where_the_whole_vocabulary_fits_the_budget():
+    one = _chunked.schedule(2048, 8192, None, None)
+    assert (one.chunk, one.block) == (256, 8192)  # [256, 8192] float32 logits: 8 MiB
+    assert _chunked.schedule(8192, 1000, None, None).block == 1000
+    assert _chunked.schedule(37, 23, None, None).chunk == 40  # all the tokens, rounded to 8
+    blocks = _chunked.schedule(2048, 65536, None, None)
+    assert (blocks.chunk, blocks.block) == (2048, 1024)  # past the budget: online softmax
+    assert _chunked.schedule(2048, 8192, 512, None).block == 1024  # [512, 8192] does not fit
+    assert _chunked.schedule(2048, 8192, 128, None).block == 8192
+    assert _chunked.schedule(2048, 8192, None, 2048).block == 2048  # as given
 
 
 def test_bad_inputs_raise():

@@ -120,7 +120,7 @@ def linear_sample_labels(
         w: Output projection ``[D, L]``.
         bias: Optional ``[L]``.
         chunk_size: Tokens per chunk (default as :func:`jxent.linear_cross_entropy`).
-        vocab_block_size: Classes per block (default 1024).
+        vocab_block_size: Classes per block (default as :func:`jxent.linear_cross_entropy`).
         logit_softcap: The loss's soft cap, or None.
 
     Returns:

@@ -23,9 +23,15 @@ from jax.sharding import Mesh
 from jxent import _kernel
 from jxent._options import Config
 
-# A [chunk, vocab_block] float32 buffer is kept near this many elements (16 MiB), in blocks of
-# 1024 classes: measured on a 2-core CPU at N2048 D512 L65536, blocks of 1024 ran 0.94-0.95x the
-# materialised loss and blocks of 2048 1.01x (docs/large-vocabularies.md, "Schedule").
+# The scratch budget of one pass per chunk: where a chunk of at least 256 tokens fits with the
+# whole vocabulary in 2M float32 logits (8 MiB; about three such buffers are live: logits, their
+# exponentials, G), the chunk's logits are formed once for the loss, dx and dW (6NDL FLOPs).
+# Measured on a 2-core CPU at N2048 D512 L8192: 0.89x the materialised loss (blocks: 1.02x).
+# Past it, vocabulary blocks of 1024 with the online softmax (8NDL), in chunks whose block stays
+# near 4M elements (16 MiB): at L65536 blocks of 1024 ran 0.94-0.95x the materialised loss and
+# blocks of 2048 1.01x (docs/large-vocabularies.md, "Schedule").
+_ONE_PASS_ELEMENTS = 2**21
+_MIN_ONE_PASS_CHUNK = 256
 _CHUNK_ELEMENTS = 2**22
 _VOCAB_BLOCK = 1024
 _MAX_CHUNK = 4096
@@ -51,16 +57,34 @@ class Schedule:
 
 
 def default_chunk_size(num_tokens: int, num_classes: int) -> int:
-    """Tokens per chunk: ``chunk * min(L, vocab block)`` near 4M elements, at most 4096.
+    """Tokens per chunk over vocabulary blocks: ``chunk * min(L, block)`` near 4M elements.
 
     Each chunk updates the whole dW once, so larger chunks mean fewer passes over it; the
     chunk's ``[chunk, block]`` logits stay 16 MiB (4096 tokens for blocks of 1024 classes).
-    At most ``N`` rounded up to a multiple of 8 (8 when there are no tokens).
+    At most 4096 and at most ``N`` rounded up to a multiple of 8 (8 when there are no tokens).
     """
     chunk = 8
     while chunk < _MAX_CHUNK and 2 * chunk * min(num_classes, _VOCAB_BLOCK) <= _CHUNK_ELEMENTS:
         chunk *= 2
-    return min(chunk, max(8, -(-num_tokens // 8) * 8))  # 8 for no tokens: an empty scan
+    return min(chunk, _token_cap(num_tokens))
+
+
+def one_pass_chunk(num_tokens: int, num_classes: int) -> int | None:
+    """Tokens per chunk of one pass over the whole vocabulary, or None past the budget.
+
+    The largest power of two up to 4096 whose ``[chunk, L]`` float32 logits fit 8 MiB, when
+    that is at least 256 tokens (or all of them); capped at ``N`` rounded up to 8.
+    """
+    chunk = _MAX_CHUNK
+    while chunk > 8 and chunk * num_classes > _ONE_PASS_ELEMENTS:
+        chunk //= 2
+    chunk = min(chunk, _token_cap(num_tokens))
+    fits = chunk * num_classes <= _ONE_PASS_ELEMENTS
+    return chunk if fits and chunk >= min(_MIN_ONE_PASS_CHUNK, _token_cap(num_tokens)) else None
+
+
+def _token_cap(num_tokens: int) -> int:
+    return max(8, -(-num_tokens // 8) * 8)  # 8 for no tokens: an empty scan
 
 
 def schedule(
@@ -72,12 +96,23 @@ def schedule(
 ) -> Schedule:
     """The schedule for these sizes: the defaults for None, else positive ints (0 is no default).
 
-    ``num_tokens`` and ``num_classes`` are what one device scans (its shard's share).
-    ``sharding``: the vocab-parallel fields of :class:`Schedule`.
+    By default one pass per chunk over the whole vocabulary where it fits the scratch budget
+    (:func:`one_pass_chunk`), else vocabulary blocks of 1024 (:func:`default_chunk_size`).
+    A given ``chunk_size`` keeps one pass when its ``[chunk, L]`` fits the budget; a given
+    ``vocab_block_size`` is used as it is. ``num_tokens`` and ``num_classes`` are what one
+    device scans (its shard's share). ``sharding``: the vocab-parallel fields of
+    :class:`Schedule`.
     """
     for name, v in (("chunk_size", chunk_size), ("vocab_block_size", vocab_block_size)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ValueError(f"{name} must be a positive int or None, found {v!r}")
+    if vocab_block_size is None and chunk_size is None:
+        chunk = one_pass_chunk(num_tokens, num_classes)
+        if chunk is not None:
+            return Schedule(chunk=chunk, block=num_classes, **sharding)
+    if vocab_block_size is None and chunk_size is not None:
+        one_pass = min(chunk_size, _token_cap(num_tokens)) * num_classes <= _ONE_PASS_ELEMENTS
+        vocab_block_size = num_classes if one_pass else _VOCAB_BLOCK
     return Schedule(
         chunk=default_chunk_size(num_tokens, num_classes) if chunk_size is None else chunk_size,
         block=_VOCAB_BLOCK if vocab_block_size is None else vocab_block_size,

@@ -83,7 +83,7 @@ def linear_cross_entropy_ggn_vector_product(
             ``None`` (zero), ``b_dot`` must be ``None`` without a ``bias``.
         bias: Optional ``[L]``.
         chunk_size: Tokens per chunk (default as :func:`jxent.linear_cross_entropy`).
-        vocab_block_size: Classes per block (default 1024); the last block may be smaller.
+        vocab_block_size: Classes per block (default as :func:`jxent.linear_cross_entropy`).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         weights: Per-class weights ``[L]``.
         where: Boolean mask ``[N]`` of tokens that count.

@@ -490,9 +490,10 @@ def linear_cross_entropy(
     r"""Cross-entropy of :math:`\operatorname{softmax}(x W + b)`, chunked over tokens.
 
     Equal to ``jxent.softmax_cross_entropy(x @ w + bias, labels, ...)`` with every option, but
-    the ``[N, L]`` logits exist only as ``[chunk_size, vocab_block_size]`` blocks (formed twice:
-    once for the log-sum-exp, once for the gradient, see the module notes). Its derivative is a
-    ``jax.custom_jvp`` built on the hand-derived gradient of the row kernel,
+    the ``[N, L]`` logits exist only as ``[chunk_size, vocab_block_size]`` blocks: one block of
+    the whole vocabulary per chunk where it fits the scratch budget (formed once), else blocks
+    formed twice, once for the log-sum-exp and once for the gradient (see the module notes).
+    Its derivative is a ``jax.custom_jvp`` built on the hand-derived gradient of the row kernel,
 
     .. math::
 
@@ -515,10 +516,13 @@ def linear_cross_entropy(
         w: Output projection ``[D, L]``.
         labels: Integer class indices ``[N]`` or probabilities ``[N, L]``.
         bias: Optional ``[L]``.
-        chunk_size: Tokens per chunk; by default a power of two with ``chunk * block`` near
-            4M elements, at most 4096 and at most ``N`` rounded up to 8. Each chunk reads
-            and writes dW once.
-        vocab_block_size: Classes per block (default 1024); the last block may be smaller.
+        chunk_size: Tokens per chunk. By default one pass per chunk over the whole vocabulary
+            where a chunk of at least 256 tokens fits the scratch budget (``[chunk, L]``
+            float32 logits of 8 MiB; the chunk a power of two up to 4096), else a power of two
+            with ``chunk * 1024`` near 4M elements, at most 4096; at most ``N`` rounded up
+            to 8. Each chunk reads and writes dW once.
+        vocab_block_size: Classes per block: by default ``L`` (one pass) within the budget,
+            else 1024; the last block may be smaller.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         weights: Per-class weights ``[L]``.
         where: Boolean mask ``[N]`` of tokens that count.
@@ -605,7 +609,8 @@ def vocab_parallel_linear_cross_entropy(
         axis_name: The mesh axis that shards the vocabulary.
         bias: Optional ``[L]``, sharded like ``w``'s columns.
         chunk_size: Tokens per chunk (default as :func:`linear_cross_entropy` for ``L/P``).
-        vocab_block_size: Classes per block within a shard (default 1024).
+        vocab_block_size: Classes per block within a shard (default as
+            :func:`linear_cross_entropy` for ``L/P``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         weights: Per-class weights ``[L]``, sharded like ``w``'s columns.
         where: Boolean token mask ``[N]``.
