@@ -1,9 +1,11 @@
 """Runtime label errors under ``jit``: one mechanism, :mod:`jax.experimental.checkify`.
 
-Every loss emits ``checkify.debug_check`` for counted out-of-range labels. Without checkify it is
-a no-op (the plain jitted path cannot raise: that example's loss and gradient row are NaN);
-under :func:`checked` it becomes an error. The check is part of the traced program whatever
-traced it first, so the result does not depend on trace order or on ``jit`` caches.
+Under ``jit`` a counted out-of-range label makes that example's loss and gradient row NaN (and
+a reduced loss NaN); no jxent program carries a check or an effect, so every one exports and
+serializes. :func:`checked` traces its function with ``_options.CHECKING`` on, a JAX config
+state in the trace context: the losses then add a ``checkify.check``, and a function jitted
+outside ``checked`` is traced again inside it, so the result does not depend on trace order
+or on ``jit`` caches.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any, TypeVar
 
 import jax
 from jax.experimental import checkify
+
+from jxent import _options
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,7 +47,8 @@ def checked(fn: F) -> F:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        err, out = checkified(*args, **kwargs)
+        with _options.CHECKING(True):
+            err, out = checkified(*args, **kwargs)
         err.throw()
         return out
 

@@ -69,9 +69,9 @@ def label_equals(labels: jax.Array, value: int) -> jax.Array:
 def integer_rows(config: Config, labels: jax.Array, where: jax.Array) -> Rows:
     """Counted and bad rows and ``int32`` class indices, for integer labels of any dtype.
 
-    Comparisons run in a dtype that holds ``L`` (int8 labels against ``L = 200`` must not wrap),
-    and a bad counted label also raises through ``checkify`` when the caller is checkified
-    (:func:`jxent.checked`); without checkify that check is a no-op.
+    Comparisons run in a dtype that holds ``L`` (int8 labels against ``L = 200`` must not wrap).
+    Traced inside :func:`jxent.checked` (``config.checked``) a bad counted label also raises
+    through ``checkify``; otherwise the program has no check, no effect: a bad row is NaN.
     """
     counted = where
     if config.ignore_index is not None:
@@ -79,12 +79,12 @@ def integer_rows(config: Config, labels: jax.Array, where: jax.Array) -> Rows:
     wide = labels.astype(jnp.int32) if jnp.iinfo(labels.dtype).bits < 32 else labels
     in_range = (wide >= 0) & (wide < config.num_classes)
     bad = counted & ~in_range
-    if bad.size:  # an empty batch has no label to check
+    if config.checked and bad.size:  # an empty batch has no label to check
         # Reductions, not indexing: a dynamic index into labels sharded over a mesh's
         # Explicit axes is refused by JAX, and this runs for every integer-label loss.
         position = jnp.arange(bad.size, dtype=jnp.int32).reshape(bad.shape)
         first = jnp.min(jnp.where(bad, position, bad.size))
-        checkify.debug_check(
+        checkify.check(
             ~jnp.any(bad),
             "label out of range: flat position {pos} has label {value}, expected 0.."
             + str(config.num_classes - 1),

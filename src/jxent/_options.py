@@ -17,9 +17,22 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import config as _jax_config
 from jax.typing import ArrayLike
 
 REDUCTIONS = ("mean", "sum", "none")
+
+# On while jxent.checked traces its function: the losses then add a checkify check for bad
+# labels. A JAX config state in the trace context, so a function jitted outside checked is
+# traced again inside it (and the other way round). Off, no program carries an effect, so every
+# jxent program exports and serializes. JAX has no public way to add a state to the jit key.
+CHECKING = _jax_config.bool_state(
+    name="jxent_checked_labels",
+    default=False,
+    help="jxent: trace label-range checks for jxent.checked (set by it, not by hand)",
+    include_in_jit_key=True,
+    include_in_trace_context=True,
+)
 OPTION_NAMES = (
     "axis",
     "reduction",
@@ -46,6 +59,7 @@ class Config:
         has_smoothing: ``label_smoothing`` is traced or non-zero.
         has_z_loss: ``z_loss`` is traced or non-zero.
         class_mask: ``where`` masks individual logits (optax's per-logit ``where``).
+        checked: Traced inside :func:`jxent.checked`: bad labels raise through checkify.
     """
 
     reduction: str
@@ -57,6 +71,7 @@ class Config:
     has_smoothing: bool = False
     has_z_loss: bool = False
     class_mask: bool = False
+    checked: bool = False
 
 
 class Arrays(NamedTuple):
@@ -175,6 +190,7 @@ def prepare(
         has_smoothing=_maybe_nonzero(label_smoothing),
         has_z_loss=_maybe_nonzero(z_loss),
         class_mask=class_mask,
+        checked=bool(CHECKING.value),
     )
     w = jnp.ones((num_classes,), compute_dtype) if weights is None else weights
     return config, Arrays(w.astype(compute_dtype), eps, z)

@@ -205,12 +205,14 @@ def block_logits(
 
 
 def matmul(a: jax.Array, b: jax.Array, acc: Any) -> jax.Array:
-    """``a @ b`` accumulated in ``acc``; bf16 operands go up to ``acc`` first on CPU.
+    """``a @ b`` accumulated in ``acc``; operands of two dtypes, or bf16 on CPU, go up to ``acc``.
 
-    XLA:CPU converts bf16 matmuls to float32 anyway, and its DotThunk cannot run some
-    bf16 x bf16 -> f32 products outside a loop ("Unsupported element type").
+    The gradient passes multiply the float32 ``G`` with bf16/float16 inputs: ``G`` is never
+    rounded to the inputs' dtype (float16 would flush ``G / N`` to zero at large ``N``). XLA:CPU
+    converts bf16 matmuls to float32 anyway, and its DotThunk cannot run some bf16 x bf16 -> f32
+    products outside a loop ("Unsupported element type").
     """
-    if a.dtype != acc and jax.default_backend() == "cpu":
+    if a.dtype != b.dtype or (a.dtype != acc and jax.default_backend() == "cpu"):
         a, b = a.astype(acc), b.astype(acc)
     return jnp.dot(a, b, preferred_element_type=acc)
 

@@ -213,10 +213,9 @@ def _scan(
                 p_dot,
                 ggn=True,
             )
-            u_in = u.astype(x.dtype)
-            return {
-                "gx": g["gx"] + _chunked.matmul(u_in, blk.w.T, acc),
-                "gw": _chunked.add_columns(g["gw"], _chunked.matmul(c.x.T, u_in, acc), start, 1),
+            return {  # u in the accumulation dtype, as G in the loss's gradient pass
+                "gx": g["gx"] + _chunked.matmul(u, blk.w.T, acc),
+                "gw": _chunked.add_columns(g["gw"], _chunked.matmul(c.x.T, u, acc), start, 1),
                 "gb": _chunked.add_columns(g["gb"], jnp.sum(u, axis=0), start, 0),
             }
 

@@ -253,11 +253,11 @@ def _grads_pass(
         grad = _kernel.grad_block(
             config, rows, options, blk.s, blk.ds, target, st, c.ce_weight, c.z_weight
         )
-        g, grad_in = dict(g), grad.astype(x.dtype)
+        g = dict(g)  # G stays in the accumulation dtype (float32 for bf16/float16 inputs)
         if want.x:
-            g["dx"] = g["dx"] + _chunked.matmul(grad_in, blk.w.T, acc)
+            g["dx"] = g["dx"] + _chunked.matmul(grad, blk.w.T, acc)
         if want.w:
-            g["dw"] = _chunked.add_columns(g["dw"], _chunked.matmul(x.T, grad_in, acc), start, 1)
+            g["dw"] = _chunked.add_columns(g["dw"], _chunked.matmul(x.T, grad, acc), start, 1)
         if want.bias:
             g["dbias"] = _chunked.add_columns(g["dbias"], jnp.sum(grad, axis=0), start, 0)
         if want.labels or want.weights or want.label_smoothing:
