@@ -1,17 +1,24 @@
-"""jxent inside programs it did not write: export and serialization, checks without effects, and
-float16 inputs to the fused head. Compared with the plain loss in float64, or with the same
-function called directly.
+"""jxent inside programs it did not write: export and serialization, checks without effects,
+float16 inputs to the fused head, and (8-device subprocess, ``tests/scripts/compose.py``) the
+user's own ``shard_map``, ``vmap`` over a sharded axis and sharded class weights. Compared with
+the plain loss in float64 (float32 on 8 devices), or with the same function called directly.
 """
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _reference import reference_loss
 from jax import export
 
 import jxent
+from _reference import reference_loss
 from jxent.predictors import linear
 
 
@@ -118,3 +125,39 @@ def test_float16_inputs_get_a_float32_gradient_of_the_logits(x64, key):
     for got, ref in zip((dx, dw), want, strict=True):
         error = jnp.linalg.norm(got.astype(jnp.float64) - ref) / jnp.linalg.norm(ref)
         assert float(error) <= 3 * rounding
+
+
+FLOAT32_RTOL = 1e-5  # float32 sums taken in another order (relative to the largest entry)
+
+
+@pytest.fixture(scope="module")
+def on_8_devices():
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    script = Path(__file__).parent / "scripts" / "compose.py"
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    [
+        "shard_map_auto",  # jax.grad inside the user's shard_map, check_vma on
+        "shard_map_explicit",
+        "shard_map_partial_2d",  # manual over "data" of a 2-D Auto mesh
+        "vocab_weights_jit",  # class weights P("vocab"), labels replicated
+        "vocab_weights_eager",
+        "vmap_sharded_explicit",  # vmap over an axis sharded on an Explicit mesh
+        "export_explicit",  # the fused head exported with its tokens sharded
+        "mean_denominators_sharded_weights",
+    ],
+)
+def test_inside_the_users_sharded_programs_equals_the_plain_loss(on_8_devices, case):
+    result = on_8_devices[case]
+    assert not isinstance(result, str), result  # a message: it raised
+    assert result <= FLOAT32_RTOL

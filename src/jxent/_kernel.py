@@ -115,10 +115,23 @@ def per_row_lookup(table: jax.Array, labels: jax.Array) -> jax.Array:
     With rows over Explicit mesh axes JAX asks where a gather's output lives; it lives with
     the rows (``table`` is small and replicated).
     """
+    table = _replicated(table)
     sharding = _explicit_sharding(labels)
     if sharding is None:
         return jnp.take(table, labels)
     return table.at[labels].get(out_sharding=sharding)
+
+
+def _replicated(table: jax.Array) -> jax.Array:
+    """A per-class table sharded over Explicit axes (class weights like ``w``'s columns), whole.
+
+    It is ``[L]``, and a lookup by label needs every class.
+    """
+    sharding = _explicit_sharding(table)
+    if sharding is None:
+        return table
+    spec = jax.sharding.PartitionSpec()
+    return jax.sharding.reshard(table, jax.sharding.NamedSharding(sharding.mesh, spec))
 
 
 def per_class_count(values: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:

@@ -156,6 +156,9 @@ def scan_tokens(
         return body(carry, c, scan_zero)
 
     xs = (jax.tree.map(split, per_token), jnp.zeros((chunks,), jnp.int32))
+    if chunks and _manual_axes():
+        first = jax.tree.map(lambda v: v[0], xs)
+        carry = match_varying(carry, jax.eval_shape(lambda c: step(c, first)[0], carry))
     carry, outs = lax.scan(step, carry, xs)
     return carry, jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:])[:num_tokens], outs)
 
@@ -172,8 +175,37 @@ def over_blocks(
     full, rest = divmod(num_classes, block)
     if full == 1 and not rest:
         return step(carry, scan_zero, block)
+    if _manual_axes():
+        carry = match_varying(carry, jax.eval_shape(lambda c: step(c, scan_zero, block), carry))
     carry = lax.fori_loop(0, full, lambda j, c: step(c, j * block + scan_zero, block), carry)
     return step(carry, full * block + scan_zero, rest) if rest else carry
+
+
+def _manual_axes() -> bool:
+    """Inside the user's ``shard_map`` (manual mesh axes in the context)."""
+    return bool(jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def _varying(a: Any) -> frozenset:
+    kind = a if isinstance(a, jax.ShapeDtypeStruct) else jax.typeof(a)
+    mat = getattr(kind, "manual_axis_type", None)
+    return frozenset() if mat is None else frozenset(mat.varying)
+
+
+def match_varying(carry: Any, out: Any) -> Any:
+    """The loop's initial ``carry`` typed as varying wherever the body's output ``out`` is.
+
+    Inside ``shard_map`` (``check_vma=True``) a value computed from a device's own tokens
+    varies over the manual axes, a zero does not, and a loop's carry must keep one type: so
+    the zeros a loop starts from are cast to varying (``lax.pcast``) over the axes its body's
+    result varies over.
+    """
+
+    def one(c: jax.Array, o: Any) -> jax.Array:
+        missing = tuple(sorted(_varying(o) - _varying(c)))
+        return lax.pcast(c, missing, to="varying") if missing else c
+
+    return jax.tree.map(one, carry, out)
 
 
 class Block(NamedTuple):

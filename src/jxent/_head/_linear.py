@@ -599,6 +599,8 @@ def vocab_parallel_linear_cross_entropy(
     divide ``N`` (else replicated), so each device works on ``N/d_data x L/d_vocab``. Any mesh
     works: ``jax.make_mesh`` (Explicit axes), ``Mesh(...)`` (Auto), inside ``jax.set_mesh``;
     inputs not laid out as described are resharded, inputs already laid out are not moved.
+    Eager ``jax.grad`` (outside ``jit``) on an Explicit mesh needs ``jax.set_mesh(mesh)``, as
+    any JAX function whose result lives on such a mesh; not inside the user's ``shard_map``.
 
     Args:
         x: Hidden states ``[N, D]``, sharded over the token axes (or to be).

@@ -87,6 +87,14 @@ def _explicit_mesh(leaves: list) -> Any:
 
 
 def _has_auto_axes(x: jax.Array) -> bool:
+    """Auto axes to partition over, outside any ``shard_map``.
+
+    Inside the user's ``shard_map`` (manual axes in the context) the tokens are already the
+    device's own; the Auto axes it leaves (partial-manual) are XLA's to partition: the
+    partitioning rule, which reads whole-mesh shardings, does not run there.
+    """
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        return False
     mesh = jax.typeof(x).sharding.mesh
     return not mesh.empty and any(t == AxisType.Auto for t in mesh.axis_types) and mesh.size > 1
 

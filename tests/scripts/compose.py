@@ -1,0 +1,141 @@
+"""jxent inside the user's own sharded programs, on 8 host devices.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python compose.py
+
+Prints one JSON object (last line): for each case the largest error against the plain loss on
+one device (float32, relative to the largest reference entry), or the error message when it
+raised. ``tests/test_compose.py`` asserts on it.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import export
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jxent
+
+assert jax.device_count() == 8, jax.devices()
+N, D, L = 64, 8, 40
+keys = jax.random.split(jax.random.key(0), 4)
+x = jax.random.normal(keys[0], (N, D))
+w = jax.random.normal(keys[1], (D, L))
+y = jax.random.randint(keys[2], (N,), 0, L)
+class_weights = jax.random.uniform(keys[3], (L,), minval=0.5, maxval=2.0)
+
+
+def plain(x, w, y, weights=None):
+    """The plain summed loss: log_softmax and a gather, no jxent code."""
+    log_p = jax.nn.log_softmax(x @ w)
+    picked = -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
+    if weights is None:
+        return jnp.sum(picked)
+    return jnp.sum(weights[y] * picked) / jnp.sum(weights[y])
+
+
+def error(got, want):
+    pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+    diff = max(float(jnp.max(jnp.abs(jnp.asarray(a) - b))) for a, b in pairs)
+    return diff / max(float(jnp.max(jnp.abs(b))) for _, b in pairs)
+
+
+def attempt(fn):
+    try:
+        return fn()
+    except Exception as e:  # the test reports the message
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+
+def fused_sum(x, w, y):
+    return jxent.linear_cross_entropy(x, w, y, reduction="sum", chunk_size=8, vocab_block_size=16)
+
+
+WANT = jax.grad(plain, argnums=(0, 1))(x, w, y)
+
+
+def in_users_shard_map(mesh, axis_names=None):
+    """jax.grad of the fused loss inside the user's shard_map over "data" (check_vma on)."""
+
+    def local(x, y, w):
+        return jax.grad(fused_sum, argnums=(0, 1))(x, w, y)  # dW: psum by the transpose
+
+    extra = {} if axis_names is None else {"axis_names": axis_names}
+    mapped = jax.shard_map(
+        local, mesh=mesh, in_specs=(P("data"), P("data"), P()), out_specs=(P("data"), P()), **extra
+    )
+    tokens, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    args = (jax.device_put(x, tokens), jax.device_put(y, tokens), jax.device_put(w, whole))
+    return error(jax.jit(mapped)(*args), WANT)
+
+
+def vocab_parallel_class_weights(jit):
+    """Class weights sharded like w's columns, labels replicated (an Explicit mesh)."""
+    mesh = jax.make_mesh((8,), ("vocab",))
+    columns = NamedSharding(mesh, P(None, "vocab"))
+    ws = jax.device_put(w, columns)
+    weights = jax.device_put(class_weights, NamedSharding(mesh, P("vocab")))
+
+    def loss(x, w, weights):
+        return jxent.vocab_parallel_linear_cross_entropy(x, w, y, mesh=mesh, weights=weights)
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1))
+    fn = jax.jit(fn) if jit else fn
+    with jax.set_mesh(mesh):  # eager jax.grad on an Explicit mesh needs one (JAX's rule)
+        got = fn(x, ws, weights)
+    want = jax.value_and_grad(plain, argnums=(0, 1))(x, w, y, class_weights)
+    return error(got, want)
+
+
+def vmap_over_a_sharded_explicit_axis():
+    """A stack of 8 problems, the stack axis sharded: materialised and fused, as unsharded."""
+    mesh = jax.make_mesh((8,), ("data",))
+    stack = NamedSharding(mesh, P("data"))
+    xs = jax.random.normal(keys[0], (8, 16, D))
+    ys = jax.random.randint(keys[1], (8, 16), 0, L)
+
+    def both(x, y):
+        return jxent.softmax_cross_entropy(x @ w, y), jxent.linear_cross_entropy(x, w, y)
+
+    got = jax.jit(jax.vmap(both))(jax.device_put(xs, stack), jax.device_put(ys, stack))
+    want = [jax.vmap(lambda x, y: plain(x, w, y) / 16)(xs, ys)] * 2
+    return error(got, want)
+
+
+def exported_on_an_explicit_mesh():
+    """value_and_grad of the fused head, tokens sharded: exported, serialized, called."""
+    mesh = jax.make_mesh((8,), ("data",))
+    tokens = NamedSharding(mesh, P("data"))
+    args = (jax.device_put(x, tokens), w, jax.device_put(y, tokens))
+    fn = jax.jit(jax.value_and_grad(fused_sum, argnums=(0, 1)))
+    exported = export.deserialize(export.export(fn)(*args).serialize())
+    want = jax.value_and_grad(plain, argnums=(0, 1))(x, w, y)
+    return error(exported.call(*args), want)
+
+
+def mean_denominators_with_sharded_class_weights():
+    mesh = jax.make_mesh((8,), ("vocab",))
+    weights = jax.device_put(class_weights, NamedSharding(mesh, P("vocab")))
+    got = jxent.train.mean_denominators(y, weights=weights)
+    return error(got, (jnp.sum(class_weights[y]), jnp.asarray(float(N))))
+
+
+def main():
+    auto = Mesh(np.array(jax.devices()), ("data",))
+    auto_2d = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    results = {
+        "shard_map_auto": attempt(lambda: in_users_shard_map(auto)),
+        "shard_map_explicit": attempt(lambda: in_users_shard_map(jax.make_mesh((8,), ("data",)))),
+        "shard_map_partial_2d": attempt(lambda: in_users_shard_map(auto_2d, {"data"})),
+        "vocab_weights_jit": attempt(lambda: vocab_parallel_class_weights(True)),
+        "vocab_weights_eager": attempt(lambda: vocab_parallel_class_weights(False)),
+        "vmap_sharded_explicit": attempt(vmap_over_a_sharded_explicit_axis),
+        "export_explicit": attempt(exported_on_an_explicit_mesh),
+        "mean_denominators_sharded_weights": attempt(mean_denominators_with_sharded_class_weights),
+    }
+    print(json.dumps(results))
+
+
+main()
