@@ -105,6 +105,21 @@ def test_checked_still_raises_on_the_same_function_exported_without_a_check(key)
         jxent.checked(fn)(x @ w, bad)
 
 
+def test_the_vocab_parallel_loss_inside_a_shard_map_is_refused_in_jxents_words(key):
+    x, w, y = _head(key, dtype=jnp.float32)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    spec = jax.sharding.PartitionSpec
+
+    def local(x, y):
+        return jxent.vocab_parallel_linear_cross_entropy(x, w, y, mesh=mesh, axis_name="data")
+
+    mapped = jax.shard_map(
+        local, mesh=mesh, in_specs=(spec("data"), spec("data")), out_specs=spec()
+    )
+    with pytest.raises(ValueError, match=r"cannot run inside jax\.shard_map"):
+        jax.jit(mapped)(x, y)
+
+
 def test_float16_inputs_get_a_float32_gradient_of_the_logits(x64, key):
     """dW of the mean over N = 16384 tokens: G / N is about 1e-6, below float16's normal range.
 

@@ -625,11 +625,18 @@ def vocab_parallel_linear_cross_entropy(
         The loss, scalar or ``[N]``; ``jax.grad`` gives ``dw`` sharded like ``w``.
 
     Raises:
-        ValueError: ``axis_name`` not in ``mesh``, ``L`` not divisible by its size, and
-            everything :func:`linear_cross_entropy` raises.
+        ValueError: ``axis_name`` not in ``mesh``, ``L`` not divisible by its size, a call
+            inside ``jax.shard_map``, and everything :func:`linear_cross_entropy` raises.
     """
     if axis_name not in mesh.shape:
         raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    if manual:
+        raise ValueError(
+            "vocab_parallel_linear_cross_entropy shards over its mesh itself and cannot run "
+            f"inside jax.shard_map (found manual axes {tuple(manual)}): call it outside, or "
+            "inside use linear_cross_entropy on each device's tokens"
+        )
     shards = mesh.shape[axis_name]
     options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
     options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
