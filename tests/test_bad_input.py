@@ -5,6 +5,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jxent
@@ -188,3 +189,17 @@ def test_a_nan_logit_masked_out_per_logit_stays_out_also_with_a_soft_cap():
             hv = jxent.logits_hvp(x, y, nan_tangent, where=mask, curvature=curvature, **opts)
             assert np.all(np.isfinite(hv))
             assert hv[0, 2] == 0.0
+
+
+def test_a_misspelled_factory_parameter_is_suggested_and_a_non_function_predictor_named():
+    opt = optax.sgd(0.1)
+    with pytest.raises(TypeError, match="did you mean 'microbatches'"):
+        jxent.train.make_step(linear.apply, opt, microbatch=4)
+    with pytest.raises(TypeError, match="did you mean 'has_aux'"):
+        jxent.value_and_grad(linear.apply, has_au=True)
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    for factory in (jxent.value_and_grad, jxent.grad, jxent.ggn_vector_product):
+        with pytest.raises(TypeError, match=r"takes the predictor first.*found a dict"):
+            factory(params)
+    with pytest.raises(TypeError, match="takes the predictor first"):
+        jxent.train.make_step(params, opt)

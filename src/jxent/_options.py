@@ -103,11 +103,17 @@ def is_concrete(value: Any) -> bool:
     return value is None or not isinstance(value, jax.core.Tracer)
 
 
-def check_option_names(options: dict[str, Any], function: str) -> None:
-    """Raises ``TypeError`` naming ``function`` and the closest option for a misspelled one."""
+def check_option_names(
+    options: dict[str, Any], function: str, parameters: tuple[str, ...] = ()
+) -> None:
+    """Raises ``TypeError`` naming ``function`` and the closest option for a misspelled one.
+
+    ``parameters``: the function's own keyword parameters, suggested too (``microbatch=`` to
+    ``make_step`` means ``microbatches=``, not a loss option).
+    """
     for name in options:
         if name not in OPTION_NAMES:
-            close = difflib.get_close_matches(name, OPTION_NAMES, n=1)
+            close = difflib.get_close_matches(name, OPTION_NAMES + tuple(parameters), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise TypeError(
                 f"{function}() got an unknown loss option {name!r}{hint} "

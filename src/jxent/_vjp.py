@@ -86,7 +86,7 @@ def value_and_grad(
         >>> grads["w"].shape
         (4, 3)
     """
-    _options.check_option_names(loss_options, "value_and_grad")
+    _options.check_option_names(loss_options, "value_and_grad", ("has_aux",))
 
     def value_and_grad_fn(params: PyTree, x: Any, labels: ArrayLike, **options: Any) -> Any:
         out = loss_grads_and_logits(
@@ -103,10 +103,20 @@ def named_after(fn: Callable[..., Any], kind: str, predictor: Any) -> Callable[.
     Not ``functools.wraps``: its ``__wrapped__`` makes ``inspect.signature`` (and so
     ``jax.jit``'s ``static_argnames``) see the predictor's parameters instead of ``fn``'s.
     """
+    check_predictor(predictor, kind)
     name = getattr(predictor, "__name__", type(predictor).__name__)
     fn.__name__ = fn.__qualname__ = f"{kind}({name})"
     fn.__doc__ = f"jxent.{kind} of ``{name}``: ``f(params, x, labels, **options)``."
     return fn
+
+
+def check_predictor(predictor: Any, function: str) -> None:
+    """Raises ``TypeError`` when ``predictor`` is not a function (e.g. parameters given first)."""
+    if not callable(predictor):
+        raise TypeError(
+            f"{function}() takes the predictor first: a function h(params, x) -> logits, found "
+            f"a {type(predictor).__name__} (parameters go to the function it returns)"
+        )
 
 
 class LossGradsLogits(NamedTuple):
@@ -181,7 +191,7 @@ def grad(predictor: Predictor, *, has_aux: bool = False, **loss_options: Any) ->
     Returns:
         ``f(params, x, labels, **options) -> grads`` (or ``(grads, aux)``).
     """
-    _options.check_option_names(loss_options, "grad")
+    _options.check_option_names(loss_options, "grad", ("has_aux",))
 
     def grad_fn(params: PyTree, x: Any, labels: ArrayLike, **options: Any) -> Any:
         out = loss_grads_and_logits(

@@ -99,9 +99,16 @@ def vmap_over_a_sharded_explicit_axis():
     def both(x, y):
         return jxent.softmax_cross_entropy(x @ w, y), jxent.linear_cross_entropy(x, w, y)
 
-    got = jax.jit(jax.vmap(both))(jax.device_put(xs, stack), jax.device_put(ys, stack))
+    sharded = (jax.device_put(xs, stack), jax.device_put(ys, stack))
+    got = jax.jit(jax.vmap(both))(*sharded)
     want = [jax.vmap(lambda x, y: plain(x, w, y) / 16)(xs, ys)] * 2
-    return error(got, want)
+
+    def total(x, y):  # the gradient with respect to the mapped inputs, fused head
+        return jnp.sum(jax.vmap(lambda x, y: jxent.linear_cross_entropy(x, w, y))(x, y))
+
+    grad = jax.jit(jax.grad(total))(*sharded)
+    want_grad = jax.grad(lambda x: jnp.sum(jax.vmap(lambda x, y: plain(x, w, y) / 16)(x, ys)))(xs)
+    return max(error(got, want), error(grad, want_grad))
 
 
 def exported_on_an_explicit_mesh():

@@ -29,7 +29,7 @@ from jxent._options import (
     require_scalar,
     split_static,
 )
-from jxent._vjp import Predictor, logits_only, loss_grads_and_logits
+from jxent._vjp import Predictor, check_predictor, logits_only, loss_grads_and_logits
 from jxent.train import _microbatch
 
 PyTree = Any
@@ -231,7 +231,9 @@ def make_step(
         >>> int(state.step)
         1
     """
-    check_option_names(loss_options, "make_step")
+    own = ("has_aux", "mesh", "compute_dtype", "microbatches")
+    check_option_names(loss_options, "make_step", own)
+    check_predictor(predictor, "make_step")
     require_scalar(loss_options, "make_step")
     microbatches = _microbatch.check_count(microbatches)
     model = predictor if compute_dtype is None else mixed_precision(predictor, compute_dtype)
