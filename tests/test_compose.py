@@ -176,3 +176,12 @@ def test_inside_the_users_sharded_programs_equals_the_plain_loss(on_8_devices, c
     result = on_8_devices[case]
     assert not isinstance(result, str), result  # a message: it raised
     assert result <= FLOAT32_RTOL
+
+
+@pytest.mark.slow
+def test_vmap_of_the_fused_head_on_an_auto_mesh_keeps_each_devices_tokens(on_8_devices):
+    result = on_8_devices["vmap_auto"]
+    assert not isinstance(result, str), result
+    assert result["error"] <= FLOAT32_RTOL
+    share = 64 // 8 * 8  # one device's share of x [64, 8], in elements
+    assert not [g for g in result["gathers"] if g >= share], result["gathers"]

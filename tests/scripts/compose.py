@@ -8,6 +8,7 @@ raised. ``tests/test_compose.py`` asserts on it.
 """
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,24 @@ def vmap_over_a_sharded_explicit_axis():
     return max(error(got, want), error(grad, want_grad))
 
 
+def gathers(fn, *args):
+    """Element counts of the compiled program's all-gathers."""
+    text = fn.lower(*args).compile().as_text()
+    found = re.finditer(r"= \w+\[([0-9,]*)\][^ ]* all-gather\(", text)
+    return [int(np.prod([int(d) for d in m.group(1).split(",") if d])) for m in found]
+
+
+def vmap_of_the_fused_head_on_an_auto_mesh():
+    """A stack of two heads (an unsharded vmapped axis) over tokens sharded on an Auto mesh."""
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    tokens = NamedSharding(mesh, P("data"))
+    heads = jnp.stack([w, 0.5 * w])
+    fn = jax.jit(jax.vmap(jax.value_and_grad(fused_sum, argnums=(0, 1)), in_axes=(None, 0, None)))
+    args = (jax.device_put(x, tokens), heads, jax.device_put(y, tokens))
+    want = jax.vmap(jax.value_and_grad(plain, argnums=(0, 1)), in_axes=(None, 0, None))(x, heads, y)
+    return {"error": error(fn(*args), want), "gathers": gathers(fn, *args)}
+
+
 def exported_on_an_explicit_mesh():
     """value_and_grad of the fused head, tokens sharded: exported, serialized, called."""
     mesh = jax.make_mesh((8,), ("data",))
@@ -141,6 +160,7 @@ def main():
         "vmap_sharded_explicit": attempt(vmap_over_a_sharded_explicit_axis),
         "export_explicit": attempt(exported_on_an_explicit_mesh),
         "mean_denominators_sharded_weights": attempt(mean_denominators_with_sharded_class_weights),
+        "vmap_auto": attempt(vmap_of_the_fused_head_on_an_auto_mesh),
     }
     print(json.dumps(results))
 

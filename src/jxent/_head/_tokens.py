@@ -12,8 +12,10 @@ module finds the tokens' sharding and runs a function that way:
   needed are resharded (``jax.sharding.reshard``: ``W`` sharded FSDP-style is gathered once).
 - **Auto mesh axes** (``Mesh(...)``; under ``jit`` the tracer does not know its sharding): a
   ``custom_partitioning`` rule, which XLA's partitioner calls with the inputs' shardings, runs
-  the function on each device's tokens. ``jax.vmap`` and ``jax.jvp`` of it run the function
-  unpartitioned (``custom_vmap``, ``custom_jvp``), as XLA would without the rule.
+  the function on each device's tokens. ``jax.vmap`` of it is the same rule over the vmapped
+  function (``custom_vmap``: each device keeps its tokens); ``jax.jvp`` of it runs the function
+  unpartitioned (``custom_jvp``), as XLA would without the rule, so that its tangent map stays
+  transposable. Inside the user's ``shard_map`` the rule stands aside.
 - **No mesh**: the function runs as it is (the same program as without this module).
 
 Each argument and output is described by a *role*, one character per dimension: ``"T"`` the
@@ -178,13 +180,14 @@ def _auto_partitioned(fn: Callable[..., Any], args: tuple, in_roles: Roles, out_
 
 def _rule(plain: Callable[..., list], in_roles: tuple, out_roles: tuple) -> Callable[..., list]:
     def tokens_of(mesh: Any, arg_shapes: Any) -> tuple[str, ...]:
-        first = next(i for i, r in enumerate(in_roles) if r.startswith("T"))
+        first = next(i for i, r in enumerate(in_roles) if r.lstrip(".").startswith("T"))
+        dim = in_roles[first].index("T")  # after the axes vmap added in front
         s = arg_shapes[first].sharding
-        spec0 = s.spec[0] if len(s.spec) else None
+        spec0 = s.spec[dim] if len(s.spec) > dim else None
         axes = () if spec0 is None else (spec0,) if isinstance(spec0, str) else tuple(spec0)
         shards = math.prod(mesh.shape[a] for a in axes)
         # Uneven shards would hand padding rows to the function: those stay replicated.
-        return axes if arg_shapes[first].shape[0] % shards == 0 else ()
+        return axes if arg_shapes[first].shape[dim] % shards == 0 else ()
 
     def shardings(mesh: Any, roles: tuple, axes: tuple) -> list:
         return [NamedSharding(mesh, spec(r, axes, None)) for r in roles]
@@ -211,7 +214,8 @@ def _rule(plain: Callable[..., list], in_roles: tuple, out_roles: tuple) -> Call
         sharding_rule=_sharding_rule(in_roles, out_roles),
     )
 
-    # vmap and jvp of the rule: the plain function (what XLA partitions by itself).
+    # vmap of the rule: the same rule over the vmapped function, each role with the mapped
+    # axis in front (a stack of heads over sharded tokens keeps each device's tokens).
     @jax.custom_batching.custom_vmap
     def batchable(*flat: jax.Array) -> list[jax.Array]:
         return cp(*flat)
@@ -219,7 +223,16 @@ def _rule(plain: Callable[..., list], in_roles: tuple, out_roles: tuple) -> Call
     @batchable.def_vmap
     def _(axis_size: int, in_batched: list[bool], *flat: jax.Array) -> tuple:
         axes = tuple(0 if b else None for b in in_batched)
-        return jax.vmap(plain, in_axes=axes)(*flat), [True] * len(out_roles)
+        roles = tuple("." + r if b else r for r, b in zip(in_roles, in_batched, strict=True))
+
+        def mapped(*flat: jax.Array) -> list[jax.Array]:
+            return jax.vmap(plain, in_axes=axes)(*flat)
+
+        batched = _rule(mapped, roles, tuple("." + r for r in out_roles))
+        return batched(*flat), [True] * len(out_roles)
+
+    # jvp of the rule: the plain function (what XLA partitions by itself), whose tangent map
+    # JAX can transpose (reverse over reverse); forward over reverse gathers the tokens.
 
     @jax.custom_jvp
     def differentiable(*flat: jax.Array) -> list[jax.Array]:
