@@ -4,12 +4,6 @@ user's own ``shard_map``, ``vmap`` over a sharded axis and sharded class weights
 the plain loss in float64 (float32 on 8 devices), or with the same function called directly.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +13,7 @@ from jax import export
 
 import jxent
 from _reference import reference_loss
+from _scripts import run_script
 from jxent.predictors import linear
 
 
@@ -147,15 +142,7 @@ FLOAT32_RTOL = 1e-5  # float32 sums taken in another order (relative to the larg
 
 @pytest.fixture(scope="module")
 def on_8_devices():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    script = Path(__file__).parent / "scripts" / "compose.py"
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.splitlines()[-1])
+    return run_script("compose.py", devices=8)
 
 
 @pytest.mark.slow

@@ -10,14 +10,10 @@ scores). One subprocess at XLA's default optimisation level (``tests/scripts/sam
 about 3 minutes on 2 cores): the slow tier.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+
+from _scripts import run_script
 
 CASES = [
     f"{s}-{v}" for s in ("sample_labels", "linear") for v in ("float32", "bfloat16", "softcap")
@@ -26,14 +22,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def measured():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # the default optimisation level, not the suite's level 0
-    script = Path(__file__).parent / "scripts" / "sampling_tail.py"
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=1200
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.splitlines()[-1])
+    # The default optimisation level, not the suite's level 0.
+    return run_script("sampling_tail.py", timeout=1200)
 
 
 @pytest.mark.slow

@@ -6,13 +6,9 @@ large as one device's share of ``x`` (the tokens never move), dots of ``[chunk, 
 ``W`` sharded FSDP-style gathered once per call.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from _scripts import run_script
 
 N, D, L = 512, 32, 300
 SHARE = N // 8 * D  # one device's share of x, in elements
@@ -21,15 +17,7 @@ FLOAT32_RTOL = 1e-5  # float32 sums taken in another order (relative to the larg
 
 @pytest.fixture(scope="module")
 def measured():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    script = Path(__file__).parent / "scripts" / "sharded.py"
-    out = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.splitlines()[-1])
+    return run_script("sharded.py", devices=8)
 
 
 MESHES = ["auto", "explicit", "auto_2d", "explicit_2d", "set_mesh"]
