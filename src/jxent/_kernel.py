@@ -408,7 +408,7 @@ def probabilities(rows: Rows, s: jax.Array, stats: Stats) -> jax.Array:
     """:math:`p` on a block from the whole row's statistics; 0 in rows that do not count."""
     # p = exp(s - ref) / se, not exp(s - lse): lse would round its low digits away (p near 1).
     # The same expression as block_stats' exponential, so XLA computes it once: one exponential
-    # pass, whose buffer G then overwrites (measured faster on CPU than recomputing it).
+    # pass into one [R, L] buffer (measured faster on CPU than recomputing it in G's fusion).
     inv_se = jnp.where(rows.counted, 1.0 / stats.se, 0.0)
     return jnp.exp(s - reference(stats.m)[:, None]) * inv_se[:, None]
 

@@ -249,9 +249,9 @@ def _grad_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
     else:
         out = _curvature_product(x, problem, x_dot, ggn=False)
     option_dots = _option_dots(problem, dot)
-    options_dot = problem.options._replace(
-        weights=option_dots.weights, label_smoothing=option_dots.label_smoothing
-    )._replace(z_loss=_nonzero(dot.options.z_loss))
+    options_dot = _options.Arrays(
+        option_dots.weights, option_dots.label_smoothing, _nonzero(dot.options.z_loss)
+    )
     if option_dots.labels is not None or any(d is not None for d in options_dot):
 
         def along(labels: jax.Array, options: _options.Arrays) -> jax.Array:
