@@ -27,20 +27,28 @@ from jxent._fd import finite_difference_entries, finite_difference_grad
 from jxent._head import (
     linear_cross_entropy,
     linear_cross_entropy_ggn_vector_product,
+    linear_log_probs,
     vocab_parallel_linear_cross_entropy,
+    vocab_parallel_linear_log_probs,
 )
+from jxent._kernel import CrossEntropyStats
+from jxent._log_probs import LogProbs, log_probs
 from jxent._loss import logits_grad, logits_hvp, loss_and_logits_grad, softmax_cross_entropy
+from jxent._policy import PolicyMetrics, policy_denominator, policy_loss
 from jxent._vjp import batched, grad, value_and_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CrossEntropyStats",
     "Diagnosis",
     "GradCheckReport",
     "GradientCheckError",
     "Kind",
     "LanczosResult",
     "LeafReport",
+    "LogProbs",
+    "PolicyMetrics",
     "batched",
     "check_grads",
     "checked",
@@ -55,10 +63,14 @@ __all__ = [
     "lanczos",
     "linear_cross_entropy",
     "linear_cross_entropy_ggn_vector_product",
+    "linear_log_probs",
     "linear_sample_labels",
+    "log_probs",
     "logits_grad",
     "logits_hvp",
     "loss_and_logits_grad",
+    "policy_denominator",
+    "policy_loss",
     "predictors",
     "sample_labels",
     "softmax_cross_entropy",
@@ -67,4 +79,5 @@ __all__ = [
     "train",
     "value_and_grad",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_log_probs",
 ]

@@ -291,6 +291,8 @@ class Stats(NamedTuple):
     se: jax.Array  # sum exp(s - ref)
     tds: jax.Array  # sum t (s - ref), with 0 * (-inf) = 0
     tsum: jax.Array  # sum t
+    es: jax.Array | None = None  # sum exp(s - ref) (s - ref): the entropy's (extra=True)
+    arg: jax.Array | None = None  # int32 column of the max, the first on ties (extra=True)
 
 
 def reference(m: jax.Array) -> jax.Array:
@@ -302,16 +304,32 @@ def reference(m: jax.Array) -> jax.Array:
     return jnp.maximum(m, jnp.finfo(m.dtype).min)
 
 
-def block_stats(s: jax.Array, target: Target) -> Stats:
+def block_stats(s: jax.Array, target: Target, *, extra: bool = False, start: Any = 0) -> Stats:
     r"""Statistics of one block ``s`` ``[R, size]`` and its target (the max constant for autodiff).
 
     Integer labels take the label's score by a gather (no one-hot): :math:`\sum_l t_l(s_l -
     \mathrm{ref}) = w_y(1-\varepsilon)(s_y - \mathrm{ref})` plus the smoothing's sum.
+    ``extra``: also the entropy's sum and the argmax (``start``: the block's first column).
     """
     m = lax.stop_gradient(jnp.max(s, axis=-1))
     ref = reference(m)
     rel = s - ref[:, None]
     se = jnp.sum(jnp.exp(rel), axis=-1)
+    if extra:
+        es, arg = _entropy_sum(rel), jnp.argmax(s, axis=-1).astype(jnp.int32) + start
+        return _target_stats(s, rel, target, m, se)._replace(es=es, arg=arg)
+    return _target_stats(s, rel, target, m, se)
+
+
+def _entropy_sum(rel: jax.Array) -> jax.Array:
+    r""":math:`\sum_l e^{r_l} r_l` over a block, with :math:`0\cdot(-\infty) = 0`."""
+    e = jnp.exp(rel)
+    return jnp.sum(jnp.where(e == 0.0, 0.0, e * rel), axis=-1)
+
+
+def _target_stats(s: jax.Array, rel: jax.Array, target: Target, m, se) -> Stats:
+    """:func:`block_stats`' target sums ``tds``, ``tsum``."""
+    ref = reference(m)
     if target.q is not None:
         t = dense(target, s.dtype)
         # Guarded on s, not on t: the derivative with respect to t (class weights at 0, a
@@ -338,14 +356,39 @@ def rebase(stats: Stats, m: jax.Array) -> Stats:
     """The same statistics relative to a new max ``m >= stats.m`` (``m`` may come from pmax)."""
     shift = reference(stats.m) - reference(m)  # finite: both references are
     se = rebase_sum(stats.se, stats.m, m)
-    return Stats(m, se, stats.tds + stats.tsum * shift, stats.tsum)
+    es = None
+    if stats.es is not None:  # sum e^(r + shift) (r + shift), r relative to the old reference
+        es = rebase_sum(stats.es + shift * stats.se, stats.m, m)
+    return Stats(m, se, stats.tds + stats.tsum * shift, stats.tsum, es, stats.arg)
 
 
 def merge(a: Stats, b: Stats) -> Stats:
-    """The statistics of the union of two sets of classes (associative, commutative)."""
+    """The statistics of the union of two sets of classes (associative; ``a`` first on ties)."""
     m = jnp.maximum(a.m, b.m)
+    arg = None if a.arg is None else jnp.where(b.m > a.m, b.arg, a.arg)
     a, b = rebase(a, m), rebase(b, m)
-    return Stats(m, a.se + b.se, a.tds + b.tds, a.tsum + b.tsum)
+    es = None if a.es is None else a.es + b.es
+    return Stats(m, a.se + b.se, a.tds + b.tds, a.tsum + b.tsum, es, arg)
+
+
+def merge_shards(stats: Stats, axis_name: str) -> Stats:
+    """:func:`merge` across the shards of a mesh axis: ``pmax`` of the max, ``psum`` else.
+
+    The argmax is the lowest column among the shards that hold the max (``pmin``).
+    """
+    m = lax.pmax(stats.m, axis_name)
+    local = rebase(stats, m)
+    es = None if local.es is None else lax.psum(local.es, axis_name)
+    arg = None
+    if local.arg is not None:
+        mine = jnp.where(stats.m == m, local.arg, jnp.iinfo(jnp.int32).max)
+        arg = lax.pmin(mine, axis_name)
+    return Stats(m, *(lax.psum(v, axis_name) for v in local[1:4]), es, arg)
+
+
+def entropy(stats: Stats) -> jax.Array:
+    r""":math:`H = -\sum_l p_l\log p_l = \log se - es/se` of a row's whole statistics."""
+    return jnp.log(stats.se) - stats.es / stats.se
 
 
 def finish(stats: Stats) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -612,3 +655,134 @@ def weights_denominator_grad(
         return None
     counts = per_class_count(rows.counted.astype(mean_ce.dtype), rows.labels, config.num_classes)
     return -(mean_ce / normaliser_sum) * counts
+
+
+def scaled_scores(
+    config: Config, logits: jax.Array, temperature: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    r"""Scores at a temperature, :math:`s = \operatorname{cap}(z)/T`, and :math:`ds/dz`.
+
+    The cap (if any) comes first, as a soft-capped model's logits are then sampled at ``T``
+    (Gemma 2 in vLLM); ``-inf`` stays ``-inf``.
+    """
+    s, ds = cap(config, logits)
+    inv = 1.0 / temperature
+    return s * inv, (jnp.full_like(s, inv) if ds is None else ds * inv)
+
+
+def scores_dot(
+    s: jax.Array, ds: jax.Array, logits_dot: jax.Array | None, t_dot: Any, temperature: Any
+) -> jax.Array:
+    r""":math:`\dot s = s'\dot z - s\,\dot T/T`; 0 where :math:`s = -\infty` (no class there)."""
+    out = jnp.zeros_like(s) if logits_dot is None else ds * logits_dot
+    if t_dot is not None:
+        out = out - jnp.where(s == NEG_INF, 0.0, s) * (t_dot / temperature)
+    return jnp.where(s == NEG_INF, 0.0, out)
+
+
+class LogProbSums(NamedTuple):
+    r"""A block's share of the sums the per-token tangents need (``[R]`` each).
+
+    ``p_dot`` :math:`\sum_l p_l\dot s_l`, ``p_rel_dot`` :math:`\sum_l p_l (s_l -
+    \mathrm{ref})\dot s_l`, ``label_dot`` :math:`\dot s_y` (0 when the label is elsewhere).
+    """
+
+    p_dot: jax.Array
+    p_rel_dot: jax.Array
+    label_dot: jax.Array
+
+
+def log_prob_sums(
+    rows: Rows, s: jax.Array, s_dot: jax.Array, target: Target, stats: Stats
+) -> LogProbSums:
+    """:class:`LogProbSums` of one block from the whole row's ``stats`` (``s_dot`` guarded).
+
+    ``s_dot`` is zeroed in rows that do not count first, so that the transposed map (reverse
+    mode) sends them exact zeros even where their scores are NaN padding.
+    """
+    s_dot = jnp.where(rows.counted[:, None], s_dot, 0.0)
+    rel = s - reference(stats.m)[:, None]
+    p = jnp.exp(rel) / stats.se[:, None]
+    p_rel = jnp.where(p == 0.0, 0.0, p * rel)
+    s_y = jnp.take_along_axis(s_dot, target.label_index[:, None], axis=1, mode="clip")[:, 0]
+    return LogProbSums(
+        jnp.sum(p * s_dot, axis=-1),
+        jnp.sum(p_rel * s_dot, axis=-1),
+        jnp.where(target.in_block, s_y, 0.0),
+    )
+
+
+def add_sums(a: LogProbSums, b: LogProbSums) -> LogProbSums:
+    return LogProbSums(*(u + v for u, v in zip(a, b, strict=True)))
+
+
+def _per_token(rows: Rows, empty: jax.Array, value: jax.Array) -> jax.Array:
+    """0 where the row does not count, NaN where it is bad or has no class, else ``value``."""
+    bad = rows.bad | (rows.counted & empty)
+    return jnp.where(bad, jnp.nan, jnp.where(rows.counted, value, 0.0))
+
+
+def log_prob_fields(rows: Rows, stats: Stats) -> tuple[jax.Array, ...]:
+    r"""``(log_prob, entropy, lse, argmax)`` of each row from its whole ``extra`` statistics.
+
+    :math:`\log p_y = s_y - \operatorname{lse}` (``-ce`` of a one-hot target),
+    :math:`H = \log se - es/se`; 0 in rows that do not count, NaN in bad ones (the argmax is
+    every row's).
+    """
+    lse, ce, empty = finish(stats)
+    fields = (-ce, entropy(stats), lse)
+    return (*(_per_token(rows, empty, v) for v in fields), stats.arg)
+
+
+def log_prob_tangents(rows: Rows, stats: Stats, sums: LogProbSums) -> tuple[jax.Array, ...]:
+    r"""The tangents of ``(log_prob, entropy, lse)`` from a row's summed :class:`LogProbSums`.
+
+    .. math::
+
+        \dot{\log p_y} = \dot s_y - p\cdot\dot s, \qquad
+        \dot H = -\textstyle\sum_l p_l(\log p_l + H)\,\dot s_l
+        = -\big(\sum_l p_l r_l\dot s_l - (p\cdot\dot s)\,es/se\big), \qquad
+        \dot{\operatorname{lse}} = p\cdot\dot s,
+
+    with :math:`r = s - \mathrm{ref}` (:math:`\log p_l + H = r_l - es/se`).
+    """
+    empty = stats.m == NEG_INF
+    mean_rel = stats.es / stats.se
+    fields = (
+        sums.label_dot - sums.p_dot,
+        -(sums.p_rel_dot - sums.p_dot * mean_rel),
+        sums.p_dot,
+    )
+    return tuple(_per_token(rows, empty, v) for v in fields)
+
+
+class CrossEntropyStats(NamedTuple):
+    r"""Per-token statistics of a cross-entropy call, from its own softmax (not differentiated).
+
+    Attributes:
+        lse: :math:`\log\sum_l e^{s_l}` of the (capped) scores ``[N]``; 0 where a token does
+            not count.
+        entropy: :math:`H = -\sum_l p_l\log p_l` (nats) ``[N]``; 0 where a token does not count.
+        argmax: ``int32 [N]``: the most probable class (the first on ties), for every token.
+        correct: ``bool [N]``: counted and ``argmax`` equals the label (for probability labels,
+            the label's most probable class).
+        z_term: :math:`z\operatorname{lse}^2` ``[N]`` (the z-loss's share before the reduction);
+            0 where a token does not count or without ``z_loss``.
+    """
+
+    lse: jax.Array
+    entropy: jax.Array
+    argmax: jax.Array
+    correct: jax.Array
+    z_term: jax.Array
+
+
+def cross_entropy_stats(
+    config: Config, rows: Rows, arrays: Arrays, lse: jax.Array, ent: jax.Array, arg: jax.Array
+) -> CrossEntropyStats:
+    """:class:`CrossEntropyStats` from the rows' log-sum-exp, entropy and argmax (whole rows)."""
+    counted = rows.counted
+    label = jnp.argmax(rows.labels, axis=-1) if config.soft else rows.labels
+    lse, ent = (lax.stop_gradient(jnp.where(counted, v, 0.0)) for v in (lse, ent))
+    z_term = lse**2 * lax.stop_gradient(arrays.z_loss) if config.has_z_loss else jnp.zeros_like(lse)
+    return CrossEntropyStats(lse, ent, arg, counted & (arg == label), z_term)

@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
@@ -129,8 +130,11 @@ class _Forward(NamedTuple):
     normaliser_sum: jax.Array
 
 
-def _forward(problem: Problem, x: jax.Array, *, with_grad: bool) -> _Forward:
-    """The loss (reduced) and, ``with_grad``, :math:`G`, from one softmax over all classes."""
+def _forward(problem: Problem, x: jax.Array, *, with_grad: bool, extra: bool = False) -> _Forward:
+    """The loss (reduced) and, ``with_grad``, :math:`G`, from one softmax over all classes.
+
+    ``extra``: the statistics carry the entropy's sum and the argmax too.
+    """
     config, options, class_mask = problem.config, problem.options, problem.class_mask
     rows = problem.rows
     s, ds = _kernel.cap(config, x)
@@ -140,7 +144,7 @@ def _forward(problem: Problem, x: jax.Array, *, with_grad: bool) -> _Forward:
             ds = jnp.where(class_mask, ds, 0.0)
     class_weights = options.weights if config.has_weights else None
     target = _kernel.target_block(config, rows.labels, class_weights, options.label_smoothing, s, 0)
-    stats = _kernel.block_stats(s, target)
+    stats = _kernel.block_stats(s, target, extra=extra)
     lse, ce, empty = _kernel.finish(stats)
     if class_mask is not None:  # every class masked: the example takes no part (optax)
         rows = rows._replace(counted=rows.counted & ~empty)
@@ -429,8 +433,9 @@ def softmax_cross_entropy(
     *,
     axis: int | tuple[int, ...] = -1,
     reduction: Reduction = "mean",
+    return_stats: bool = False,
     **options: Any,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, _kernel.CrossEntropyStats]:
     r"""Softmax cross-entropy :math:`-\sum_l t_l \log \operatorname{softmax}(x)_l`, stably.
 
     The value part of :func:`loss_and_logits_grad`, which documents every option and the
@@ -443,11 +448,16 @@ def softmax_cross_entropy(
         labels: Integer class indices or probabilities.
         axis: The class axis.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        return_stats: Also return each example's :class:`jxent.CrossEntropyStats`
+            (log-sum-exp, entropy, argmax, correct, z-term; in the examples' shape; not
+            differentiated), from the same softmax (under ``jit`` XLA shares its max and
+            exponentials with the loss's).
         **options: ``weights``, ``where``, ``ignore_index``, ``label_smoothing``, ``z_loss``,
             ``logit_softcap``; see :func:`loss_and_logits_grad`.
 
     Returns:
-        The loss: a scalar, or one value per example for ``reduction="none"``.
+        The loss: a scalar, or one value per example for ``reduction="none"``; with
+        ``return_stats``, ``(loss, stats)``.
 
     Examples:
         >>> import jax.numpy as jnp, jxent
@@ -457,7 +467,22 @@ def softmax_cross_entropy(
     prepared = prepare(
         "softmax_cross_entropy", logits, labels, axis=axis, reduction=reduction, **options
     )
-    return _batch_shaped(prepared, _loss_jit(prepared.logits, prepared.problem))
+    loss = _batch_shaped(prepared, _loss_jit(prepared.logits, prepared.problem))
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, found {return_stats!r}")
+    if not return_stats:
+        return loss
+    stats = _row_stats(lax.stop_gradient(prepared.logits), prepared.problem)
+    return loss, _kernel.CrossEntropyStats(*(_batch_shaped(prepared, v) for v in stats))
+
+
+@jax.jit
+def _row_stats(x: jax.Array, problem: Problem) -> _kernel.CrossEntropyStats:
+    """Each row's :class:`~jxent._kernel.CrossEntropyStats` from the loss's own expressions."""
+    fwd = _forward(problem, x, with_grad=False, extra=True)
+    entropy = _kernel.entropy(fwd.stats)
+    config, options = problem.config, problem.options
+    return _kernel.cross_entropy_stats(config, fwd.rows, options, fwd.lse, entropy, fwd.stats.arg)
 
 
 def loss_and_grad(prepared: Prepared) -> tuple[jax.Array, jax.Array]:

@@ -21,20 +21,24 @@ from jxent._head._linear import (
     prepare,
     vocab_parallel_linear_cross_entropy,
 )
+from jxent._head._log_probs import LogProbs, linear_log_probs, vocab_parallel_linear_log_probs
 from jxent._head._tokens import over_tokens
 
 __all__ = [
     "Head",
+    "LogProbs",
     "Schedule",
     "accumulation_dtype",
     "block_logits",
     "check_shapes",
     "linear_cross_entropy",
     "linear_cross_entropy_ggn_vector_product",
+    "linear_log_probs",
     "over_blocks",
     "over_tokens",
     "prepare",
     "scan_tokens",
     "schedule",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_log_probs",
 ]

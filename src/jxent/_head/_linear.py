@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.sharding import Mesh
@@ -46,7 +47,7 @@ from jax.typing import ArrayLike
 
 from jxent import _kernel, _options, _problem, _validate
 from jxent._head import _chunked, _tokens
-from jxent._kernel import OptionDots, Rows
+from jxent._kernel import CrossEntropyStats, OptionDots, Rows
 from jxent._loss import Reduction
 from jxent._options import Arrays
 from jxent._problem import Problem
@@ -149,6 +150,8 @@ class _Outputs(NamedTuple):
     loss: jax.Array | None = None  # each token's share of the loss
     ce: jax.Array | None = None  # its cross-entropy (0 where it does not count)
     lse: jax.Array | None = None  # its log-sum-exp
+    entropy: jax.Array | None = None  # its softmax's entropy (return_stats)
+    argmax: jax.Array | None = None  # its most probable class (return_stats)
     tangent: jax.Array | None = None  # the per-token tangent (forward mode, reduction "none")
     dx: jax.Array | None = None
     dlabels: jax.Array | None = None  # d/d(probability labels)
@@ -158,7 +161,7 @@ class _Outputs(NamedTuple):
     dlabel_smoothing: jax.Array | None = None
 
 
-_OUTPUT_ROLES = _Outputs("T", "T", "T", "T", "T.", "TV", ".V", "V", "V", "")
+_OUTPUT_ROLES = _Outputs("T", "T", "T", "T", "T", "T", "T.", "TV", ".V", "V", "V", "")
 _SUMS = ("dw", "dbias", "dweights", "dlabel_smoothing")  # the scan's carry: sums over chunks
 
 
@@ -188,6 +191,7 @@ class Pass(NamedTuple):
     problem: Problem
     dots: Dots | None
     offset: Any  # global column of this shard's first class
+    extra: bool = False  # the statistics' entropy sum and argmax too (return_stats)
 
 
 class _BlockParts(NamedTuple):
@@ -233,12 +237,17 @@ def stats_pass(ctx: Pass, c: Chunk, rows: Rows, scan_zero: jax.Array) -> _kernel
 
     def fold(st: _kernel.Stats, start: Any, size: int) -> _kernel.Stats:
         part = block(ctx, c, rows, start, size)
-        return _kernel.merge(st, _kernel.block_stats(part.blk.s, part.target))
+        first = start + ctx.offset
+        return _kernel.merge(
+            st, _kernel.block_stats(part.blk.s, part.target, extra=ctx.extra, start=first)
+        )
 
     zeros = jnp.zeros(c.rows.counted.shape, _chunked.accumulation_dtype(c.x, ctx.head.w))
     init = _kernel.Stats(zeros - jnp.inf, zeros, zeros, zeros)
+    if ctx.extra:
+        init = init._replace(es=zeros, arg=jnp.zeros(zeros.shape, jnp.int32))
     st = _chunked.over_blocks(fold, init, ctx.head.w.shape[1], ctx.sched.block, scan_zero)
-    return st if ctx.sched.vocab_axis is None else _merge_shards(st, ctx.sched.vocab_axis)
+    return st if ctx.sched.vocab_axis is None else _kernel.merge_shards(st, ctx.sched.vocab_axis)
 
 
 def _grads_pass(
@@ -317,6 +326,7 @@ def chunks_of(head: Head, problem: Problem, scales: tuple, dots: Dots | None = N
 def _scan(
     sched: _chunked.Schedule,
     want: _Derivatives,
+    extra: bool,
     head: Head,
     problem: Problem,
     scales: tuple[jax.Array, jax.Array],
@@ -328,14 +338,15 @@ def _scan(
     axis (``sched.vocab_axis``), ``w``, ``bias``, the class weights and probability labels are
     the local shard, each chunk's statistics are merged across shards before pass B, and the
     partial sums over classes (``dx``, the tangent, ``dlabel_smoothing``) are ``psum``-ed at the
-    end. ``scales``: each token's weight of its cross-entropy and of its z-term.
+    end. ``scales``: each token's weight of its cross-entropy and of its z-term. ``extra``:
+    each token's entropy and argmax too, from the same statistics.
     """
     config, w = problem.config, head.w
     acc = _chunked.accumulation_dtype(head.x, w)
     offset = 0
     if sched.vocab_axis is not None:
         offset = lax.axis_index(sched.vocab_axis) * w.shape[1]
-    ctx = Pass(sched, head, problem, dots, offset)
+    ctx = Pass(sched, head, problem, dots, offset, extra)
     shapes = {"dw": w.shape, "dbias": w.shape[1:], "dweights": w.shape[1:]}
     shapes["dlabel_smoothing"] = ()
     sums = {k: jnp.zeros(shapes[k], acc) for k in _SUMS if getattr(want, k[1:])}
@@ -347,6 +358,8 @@ def _scan(
         rows = rows._replace(bad=rows.bad | (rows.counted & empty))
         loss = _kernel.row_losses(config, rows, problem.options, ce, lse, c.ce_weight, c.z_weight)
         out = {"loss": loss, "ce": jnp.where(rows.counted, ce, 0.0), "lse": lse}
+        if extra:
+            out |= {"entropy": _kernel.entropy(st), "argmax": st.arg}
         if dots is not None:
             return sums, out | {"tangent": _tangent_pass(ctx, c, rows, st, scan_zero)}
         if not any(want):
@@ -368,13 +381,6 @@ def _scan(
     return out
 
 
-def _merge_shards(stats: _kernel.Stats, axis_name: str) -> _kernel.Stats:
-    """:func:`_kernel.merge` across the vocabulary shards: ``pmax`` of the max, ``psum`` else."""
-    m = lax.pmax(stats.m, axis_name)
-    local = _kernel.rebase(stats, m)
-    return _kernel.Stats(m, *(lax.psum(v, axis_name) for v in local[1:]))
-
-
 def _dots_of(problem: Problem, head_dot: Head, problem_dot: Problem) -> tuple[Dots, Any]:
     """The nonzero tangents of the head and of the target's inputs, and the z-loss's."""
     labels_dot = _nonzero(problem_dot.rows.labels) if problem.config.soft else None
@@ -388,13 +394,21 @@ def _dots_of(problem: Problem, head_dot: Head, problem_dot: Problem) -> tuple[Do
 
 
 @functools.lru_cache(maxsize=64)
-def _loss_fn(sched: _chunked.Schedule) -> Any:
-    """The loss for one schedule, as a custom_jvp of ``(head, problem)`` over the scan."""
+def _loss_fn(sched: _chunked.Schedule, extra: bool = False) -> Any:
+    """The loss for one schedule, as a custom_jvp of ``(head, problem)`` over the scan.
+
+    ``extra``: it returns ``(loss, lse, entropy, argmax)``, the last three per token from the
+    same pass and not differentiated (zero tangents).
+    """
+
+    def result(problem: Problem, out: _Outputs) -> Any:
+        loss = _reduce(problem, out.loss)
+        return (loss, out.lse, out.entropy, out.argmax) if extra else loss
 
     @jax.custom_jvp
-    def loss_fn(head: Head, problem: Problem) -> jax.Array:
+    def loss_fn(head: Head, problem: Problem) -> Any:
         scales = problem.row_scales()[:2]
-        return _reduce(problem, _run(sched, _Derivatives(), head, problem, scales).loss)
+        return result(problem, _run(sched, _Derivatives(), extra, head, problem, scales))
 
     def loss_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
         (head, problem), (head_dot, problem_dot) = primals, tangents
@@ -403,14 +417,14 @@ def _loss_fn(sched: _chunked.Schedule) -> Any:
         ce_weight, z_weight, n = problem.row_scales()
         scales = (ce_weight, z_weight)
         if config.reduction == "none":
-            out = _run(sched, _Derivatives(), head, problem, scales, dots)
+            out = _run(sched, _Derivatives(), extra, head, problem, scales, dots)
             tangent = out.tangent
         else:
             pairs = (*zip(dots.head, ("dx", "dw", "dbias"), strict=True),)
             pairs += ((dots.options.labels, "dlabels"), (dots.options.weights, "dweights"))
             pairs += ((dots.options.label_smoothing, "dlabel_smoothing"),)
             want = _Derivatives(*(d is not None for d, _ in pairs))
-            out = _run(sched, want, head, problem, scales)
+            out = _run(sched, want, extra, head, problem, scales)
             tangent = jnp.zeros((), out.loss.dtype)
             for dot, name in pairs:
                 if dot is not None:
@@ -428,7 +442,12 @@ def _loss_fn(sched: _chunked.Schedule) -> Any:
             tangent = tangent + _reduce(problem, z_term)
         bad = rows.bad if config.reduction == "none" else jnp.any(rows.bad)
         tangent = jnp.where(bad, jnp.nan, tangent)
-        return _reduce(problem, out.loss), tangent.astype(out.loss.dtype)
+        tangent = tangent.astype(out.loss.dtype)
+        if not extra:
+            return result(problem, out), tangent
+        zero_arg = np.zeros(out.argmax.shape, jax.dtypes.float0)
+        zeros = (jnp.zeros_like(out.lse), jnp.zeros_like(out.entropy), zero_arg)
+        return result(problem, out), (tangent, *zeros)
 
     loss_fn.defjvp(loss_jvp, symbolic_zeros=True)
     return jax.jit(loss_fn)  # one compiled program for eager calls, as _loss._loss
@@ -446,6 +465,7 @@ def roles_of(tree: Any, roles: Any) -> Any:
 def _run(
     sched: _chunked.Schedule,
     want: _Derivatives,
+    extra: bool,
     head: Head,
     problem: Problem,
     scales: tuple[jax.Array, jax.Array],
@@ -459,8 +479,10 @@ def _run(
     present = {"loss", "ce", "lse"} | {k for k, on in zip(names, want, strict=True) if on}
     if dots is not None:
         present.add("tangent")
+    if extra:
+        present |= {"entropy", "argmax"}
     out_roles = _OUTPUT_ROLES._replace(**{k: None for k in _Outputs._fields if k not in present})
-    fn = functools.partial(_scan, sched, want)
+    fn = functools.partial(_scan, sched, want, extra)
     operands = (head, problem, scales, dots)
     in_roles = (HEAD_ROLES, problem.roles(), ("T", "T"), dot_roles)
     if sched.vocab_axis is not None:
@@ -486,7 +508,8 @@ def linear_cross_entropy(
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
     logit_softcap: float | None = None,
-) -> jax.Array:
+    return_stats: bool = False,
+) -> jax.Array | tuple[jax.Array, CrossEntropyStats]:
     r"""Cross-entropy of :math:`\operatorname{softmax}(x W + b)`, chunked over tokens.
 
     Equal to ``jxent.softmax_cross_entropy(x @ w + bias, labels, ...)`` with every option, but
@@ -530,10 +553,13 @@ def linear_cross_entropy(
         label_smoothing: As in :func:`jxent.loss_and_logits_grad`.
         z_loss: As in :func:`jxent.loss_and_logits_grad`.
         logit_softcap: As in :func:`jxent.loss_and_logits_grad`.
+        return_stats: Also return each token's :class:`jxent.CrossEntropyStats` (log-sum-exp,
+            entropy, argmax, correct, z-term) from the same pass over the vocabulary (no second
+            pass; not differentiated): what a training step logs.
 
     Returns:
         The loss: scalar, or ``[N]`` for ``reduction="none"`` (whose gradients are exact for
-        any per-token cotangent).
+        any per-token cotangent); with ``return_stats``, ``(loss, stats)``.
 
     Raises:
         TypeError: Non-floating ``x``/``w``, bad label or mask dtypes.
@@ -561,7 +587,22 @@ def linear_cross_entropy(
     head, problem = prepare("linear_cross_entropy", x, w, labels, bias, where, options)
     num_classes = problem.config.num_classes
     sched = _chunked.schedule(head.x.shape[0], num_classes, chunk_size, vocab_block_size)
-    return _loss_fn(sched)(head, problem)
+    return _with_stats(problem, _loss_fn(sched, _check_flag(return_stats))(head, problem))
+
+
+def _check_flag(return_stats: Any) -> bool:
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, found {return_stats!r}")
+    return return_stats
+
+
+def _with_stats(problem: Problem, out: Any) -> Any:
+    """The loss, or ``(loss, stats)`` from the scan's per-token log-sum-exp, entropy, argmax."""
+    if not isinstance(out, tuple):
+        return out
+    loss, lse, entropy, argmax = out
+    rows, options = problem.rows, problem.options
+    return loss, _kernel.cross_entropy_stats(problem.config, rows, options, lse, entropy, argmax)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -581,7 +622,8 @@ def vocab_parallel_linear_cross_entropy(
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
     logit_softcap: float | None = None,
-) -> jax.Array:
+    return_stats: bool = False,
+) -> jax.Array | tuple[jax.Array, CrossEntropyStats]:
     r""":func:`linear_cross_entropy` with ``w`` sharded along the vocabulary over ``mesh``.
 
     Megatron-LM's vocab-parallel scheme under ``jax.shard_map``: device :math:`k` holds
@@ -620,45 +662,63 @@ def vocab_parallel_linear_cross_entropy(
         label_smoothing: As in :func:`jxent.loss_and_logits_grad`.
         z_loss: As in :func:`jxent.loss_and_logits_grad`.
         logit_softcap: As in :func:`jxent.loss_and_logits_grad`.
+        return_stats: As in :func:`linear_cross_entropy` (the argmax is merged across shards).
 
     Returns:
-        The loss, scalar or ``[N]``; ``jax.grad`` gives ``dw`` sharded like ``w``.
+        The loss, scalar or ``[N]`` (with ``return_stats``, ``(loss, stats)``); ``jax.grad``
+        gives ``dw`` sharded like ``w``.
 
     Raises:
         ValueError: ``axis_name`` not in ``mesh``, ``L`` not divisible by its size, a call
             inside ``jax.shard_map``, and everything :func:`linear_cross_entropy` raises.
     """
+    function = "vocab_parallel_linear_cross_entropy"
+    check_vocab_mesh(function, mesh, axis_name)
+    options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
+    options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
+    options |= {"logit_softcap": logit_softcap}
+    head, problem = prepare(function, x, w, labels, bias, where, options)
+    sched = vocab_schedule(function, head, problem, mesh, axis_name, chunk_size, vocab_block_size)
+    return _with_stats(problem, _loss_fn(sched, _check_flag(return_stats))(head, problem))
+
+
+def check_vocab_mesh(function: str, mesh: Mesh, axis_name: str) -> None:
+    """Raises unless ``axis_name`` is an axis of ``mesh`` and no ``shard_map`` is around."""
     if axis_name not in mesh.shape:
         raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
     manual = jax.sharding.get_abstract_mesh().manual_axes
     if manual:
         raise ValueError(
-            "vocab_parallel_linear_cross_entropy shards over its mesh itself and cannot run "
-            f"inside jax.shard_map (found manual axes {tuple(manual)}): call it outside, or "
-            "inside use linear_cross_entropy on each device's tokens"
+            f"{function} shards over its mesh itself and cannot run inside jax.shard_map (found "
+            f"manual axes {tuple(manual)}): call it outside, or inside use the one-device "
+            "function on each device's tokens"
         )
-    shards = mesh.shape[axis_name]
-    options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
-    options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
-    options |= {"logit_softcap": logit_softcap}
-    head, problem = prepare(
-        "vocab_parallel_linear_cross_entropy", x, w, labels, bias, where, options
-    )
-    config = problem.config
-    if config.num_classes % shards:
+
+
+def vocab_schedule(
+    function: str,
+    head: Head,
+    problem: Problem,
+    mesh: Mesh,
+    axis_name: str,
+    chunk_size: int | None,
+    vocab_block_size: int | None,
+) -> _chunked.Schedule:
+    """The schedule of one device's tokens and vocabulary shard; raises if ``L`` does not divide."""
+    shards, num_classes = mesh.shape[axis_name], problem.config.num_classes
+    if num_classes % shards:
         raise ValueError(
-            f"w has L = {config.num_classes} classes, which do not divide over the {shards} "
+            f"{function}: w has L = {num_classes} classes, which do not divide over the {shards} "
             f"devices of mesh axis {axis_name!r}"
         )
     token_axes = _tokens.vocab_parallel_token_axes(head.x, mesh, axis_name)
     num_tokens = head.x.shape[0] // math.prod(mesh.shape[a] for a in token_axes)
-    sched = _chunked.schedule(
+    return _chunked.schedule(
         num_tokens,
-        config.num_classes // shards,
+        num_classes // shards,
         chunk_size,
         vocab_block_size,
         vocab_axis=axis_name,
         mesh=mesh,
         token_axes=token_axes,
     )
-    return _loss_fn(sched)(head, problem)
