@@ -348,9 +348,11 @@ def run_all(mode: str, repeats: int) -> dict[str, Any]:
     for tokens in sweep_n:
         chosen = JAX_VOCAB[::2] if not quick else JAX_VOCAB[2:]
         out["sweep_N"] += vocab_rows(tokens, d, s(32768, 2048), "float32", chosen, 3)
-    from benchmarks import curvature, sharded  # curvature imports this module: not at the top
+    # curvature and lm_head import this module: not at the top
+    from benchmarks import curvature, lm_head, sharded
 
     out["curvature"] = curvature.run(s, repeats)
+    out["lm_head"] = lm_head.run(s, repeats)
     print("sharded like the batch (8 CPU devices, a subprocess) ...", flush=True)
     out["sharded"] = sharded.run(quick, repeats)
     return out
@@ -413,10 +415,11 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {shape} | {r['dtype']} | {r['variant']} | {r['median_s']:.2f} | {ratio:.2f}× "
             f"| {r['above_inputs_mib']:.0f} | {r['scratch_mib']:.0f} | {100 * frac:.0f} % |"
         )
-    from benchmarks import curvature, sharded
+    from benchmarks import curvature, lm_head, sharded
 
     lines += ["", *sharded.markdown(res["sharded"])] if "sharded" in res else []
-    return "\n".join(lines) + "\n" + curvature.markdown(res)
+    head = lm_head.markdown(res) if "lm_head" in res else ""
+    return "\n".join(lines) + "\n" + curvature.markdown(res) + head
 
 
 def plots(res: dict[str, Any], path: Path) -> None:

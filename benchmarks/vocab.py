@@ -76,6 +76,13 @@ def jax_variants(name: str, n: int, d: int, vocab: int, dtype: str) -> tuple[Cal
             return jxent.linear_cross_entropy(x, w, y, chunk_size=chunk)
 
         fn = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))
+    elif name.startswith("jxent.linear_log_probs"):
+
+        def log_probs(x, w):  # an RL objective's per-token log-probs, with an entropy bonus
+            out = jxent.linear_log_probs(x, w, y)
+            return -jnp.mean(out.log_prob) - 0.01 * jnp.mean(out.entropy)
+
+        fn = jax.jit(jax.value_and_grad(log_probs, argnums=(0, 1)))
     elif "ggn" in name:
         return _ggn_variant(name, x, w, y)
     elif name in SAMPLE_VOCAB:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 import pytest
-from benchmarks import run
+from benchmarks import lm_head, run
 
 from jxent.predictors import linear
 
@@ -75,6 +75,9 @@ def test_quick_mode_writes_outside_the_source_tree():
     assert all(r["above_inputs_mib"] >= 0 for r in vocab)
     assert set(res["sharded"]["head"]["ratios"]) >= {"fused sharded (explicit) / one device"}
     assert res["sharded"]["microbatch"]["scratch_ratio"]["1"] == 1.0
+    assert set(res["lm_head"]["ratios"]) == set(lm_head.TARGETS)
+    assert len(res["lm_head"]["bf16"]) == 3
+    assert "LM-head outputs" in (folder / "q.md").read_text()
     assert "| workload |" in (folder / "q.md").read_text()
     assert "Sharded like the batch" in (folder / "q.md").read_text()
     assert (folder / "q.png").read_bytes()[:4] == b"\x89PNG"
