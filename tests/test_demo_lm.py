@@ -8,9 +8,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from _reference import assert_tree_close
+from jxent import train
 from jxent._cli import _demo_lm, main
 from jxent._cli._base import CommandError
 
@@ -81,18 +83,27 @@ def test_split_and_tokenizer_are_deterministic(corpus, tmp_path):
     assert stream[-1] == _demo_lm.EOS
 
 
-def test_fused_head_gradients_equal_materialised_logits(corpus):
-    """The first step's gradients, every parameter: fused head vs materialised logits."""
+def test_fused_head_step_equals_the_materialised_logits_step():
+    """The first step's gradients, every parameter: fused head vs materialised logits.
+
+    Both are ``jxent.train.make_step`` steps, the fused one with the output head, the other on
+    the logits; SGD(1) updates are minus the gradients.
+    """
     args = _args()
     params = _demo_lm.init_model(jax.random.key(0), 320, 32, 1, 16)
     params["bias"] = jax.random.normal(jax.random.key(1), (320,))
     batch = jax.random.randint(jax.random.key(2), (4, 17), 0, 320).at[0, 5].set(_demo_lm.PAD)
-    grads = {
-        head: jax.jit(jax.grad(lambda p, h=head: _demo_lm.lm_loss(p, batch, args.heads, h)))(params)
-        for head in ("fused", "materialised")
-    }
+    opt = optax.sgd(1.0)
+    grads, metrics = {}, {}
+    for head in ("fused", "materialised"):
+        step = _demo_lm.lm_step(opt, args.heads, head)
+        state, metrics[head] = step(train.init_state(params, opt), batch[:, :-1], batch[:, 1:])
+        grads[head] = jax.tree.map(lambda p, q: p - q, params, state.params)
     # float32, the same math in another order (FLOAT32_RTOL's note in _reference)
     assert_tree_close(grads["fused"], grads["materialised"], 1e-5)
+    for name in ("loss", "accuracy", "count", "grad_norm"):
+        np.testing.assert_allclose(metrics["fused"][name], metrics["materialised"][name], rtol=1e-5)
+    assert int(metrics["fused"]["count"]) == 4 * 16 - 1  # one <pad> target
 
 
 def test_tiny_run_learns_and_writes_json_and_png(corpus, tmp_path, capsys):

@@ -22,6 +22,7 @@ LAYERS = [
             "jxent._problem",
             "jxent._loss",
             "jxent._log_probs",
+            "jxent._divergence",
             "jxent._vjp",
             "jxent._plain",
             "jxent._fd",

@@ -27,8 +27,10 @@ from jxent._fd import finite_difference_entries, finite_difference_grad
 from jxent._head import (
     linear_cross_entropy,
     linear_cross_entropy_ggn_vector_product,
+    linear_distillation_loss,
     linear_log_probs,
     vocab_parallel_linear_cross_entropy,
+    vocab_parallel_linear_distillation_loss,
     vocab_parallel_linear_log_probs,
 )
 from jxent._kernel import CrossEntropyStats
@@ -63,6 +65,7 @@ __all__ = [
     "lanczos",
     "linear_cross_entropy",
     "linear_cross_entropy_ggn_vector_product",
+    "linear_distillation_loss",
     "linear_log_probs",
     "linear_sample_labels",
     "log_probs",
@@ -79,5 +82,6 @@ __all__ = [
     "train",
     "value_and_grad",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_distillation_loss",
     "vocab_parallel_linear_log_probs",
 ]

@@ -316,9 +316,21 @@ def block_stats(s: jax.Array, target: Target, *, extra: bool = False, start: Any
     rel = s - ref[:, None]
     se = jnp.sum(jnp.exp(rel), axis=-1)
     if extra:
-        es, arg = _entropy_sum(rel), jnp.argmax(s, axis=-1).astype(jnp.int32) + start
+        es, arg = _entropy_sum(rel), first_max(s, m) + start
         return _target_stats(s, rel, target, m, se)._replace(es=es, arg=arg)
     return _target_stats(s, rel, target, m, se)
+
+
+def first_max(s: jax.Array, m: jax.Array) -> jax.Array:
+    """``int32`` column of each row's first maximum ``m`` (0 for a row of NaN or ``-inf``).
+
+    A min over an iota compare, not ``jnp.argmax``: XLA:CPU fuses it with the block's other
+    reductions, where the variadic (value, index) reduce of ``argmax`` runs on its own.
+    """
+    size = s.shape[-1]
+    column = lax.broadcasted_iota(jnp.int32, (1, size), 1)
+    first = jnp.min(jnp.where(s == m[:, None], column, size), axis=-1)
+    return jnp.where(first == size, 0, first)
 
 
 def _entropy_sum(rel: jax.Array) -> jax.Array:

@@ -2,16 +2,19 @@
 
 Data that needs no download (the Python standard library's own source files, or ``--corpus``),
 a byte-level BPE tokenizer trained with the ``tokenizers`` library (cached), a decoder-only
-transformer in plain JAX, AdamW, and the fused head ``jxent.linear_cross_entropy(hidden, w_out,
-targets, ignore_index=pad_id, z_loss=1e-4)`` differentiated by ``jax.value_and_grad`` of the whole
-model. It prints and records training and validation loss, perplexity, tokens per second and the
-validation tokens' unigram entropy, and measures -- each in a process of its own -- the peak memory
-of one training step with the fused head against the same step with materialised logits.
+transformer in plain JAX, AdamW, and ``jxent.train.make_step(body, adamw, head=LinearHead(...),
+ignore_index=pad_id, z_loss=1e-4)``: the fused head ``jxent.linear_cross_entropy`` on the
+transformer's hidden states, differentiated by ``jax.value_and_grad`` of the whole model, data
+parallel over a ``"data"`` mesh axis. It prints and records training and validation loss,
+perplexity, tokens per second and the validation tokens' unigram entropy, and measures -- each in
+a process of its own -- the peak memory of one training step with the fused head against the same
+step with materialised logits.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -30,9 +33,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jxent import train
 from jxent._cli import _base
-from jxent._head import linear_cross_entropy
-from jxent._loss import softmax_cross_entropy
 
 SPECIALS = ["<pad>", "<eos>"]  # ids 0 and 1
 PAD, EOS = 0, 1
@@ -191,7 +193,7 @@ def _embed(table: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def body(params: dict, tokens: jax.Array, heads: int) -> jax.Array:
-    """Tokens ``[B, T]`` -> final hidden states ``[B * T, D]`` (causal self-attention)."""
+    """Tokens ``[B, T]`` -> final hidden states ``[B, T, D]`` (causal self-attention)."""
     batch, length = tokens.shape
     h = _embed(params["embed"], tokens) + params["pos"][None, :length]
     width = h.shape[-1]
@@ -203,29 +205,52 @@ def body(params: dict, tokens: jax.Array, heads: int) -> jax.Array:
         )
         h = h + att.reshape(batch, length, width) @ blk["proj"]
         h = h + jax.nn.gelu(_layer_norm(h, blk["norm2"]) @ blk["up"]) @ blk["down"]
-    return _layer_norm(h, params["norm"]).reshape(batch * length, width)
+    return _layer_norm(h, params["norm"])
 
 
-def lm_loss(params: dict, batch: jax.Array, heads: int, head: str = "fused") -> jax.Array:
-    """Mean next-token cross-entropy (+ z-loss) of ``batch`` ``[B, T + 1]``."""
-    hidden = body(params, batch[:, :-1], heads)
-    targets = batch[:, 1:].reshape(-1)
-    w, b = params["head"], params["bias"]
+# The output projection and bias, the head the fused loss takes: hidden [B, T, D] -> [B, T, L].
+OUTPUT_HEAD = train.LinearHead(w=lambda params: params["head"], bias=lambda params: params["bias"])
+LOSS_OPTIONS = {"ignore_index": PAD, "z_loss": Z_LOSS}
+
+
+@functools.cache
+def predictors(heads: int) -> tuple[Callable, Callable]:
+    """``(hidden, logits)``: the transformer's hidden states, and its materialised logits.
+
+    One pair of function objects per model, so the jitted step and evaluation compile once.
+    """
+
+    def hidden(params: dict, tokens: jax.Array) -> jax.Array:
+        return body(params, tokens, heads)
+
+    def logits(params: dict, tokens: jax.Array) -> jax.Array:
+        # One [B * T, D] x [D, L] matmul, as the fused head's: a [B, T, D] one costs XLA's CPU
+        # backend ~40 % more scratch at L = 32768 (a copy for dW), which is not the logits' cost.
+        h = hidden(params, tokens)
+        scores = h.reshape(-1, h.shape[-1]) @ params["head"] + params["bias"][None, :]
+        return scores.reshape(*h.shape[:-1], -1)
+
+    return hidden, logits
+
+
+def lm_step(
+    optimizer: optax.GradientTransformation, heads: int, head: str, mesh: Any = None
+) -> Callable:
+    """``step(state, inputs, targets)``: one AdamW step with the fused head or the logits.
+
+    ``"fused"``: :func:`jxent.train.make_step` with the :data:`OUTPUT_HEAD` on the hidden
+    states (no ``[B * T, L]`` logits); ``"materialised"``: the same step on the logits
+    ``hidden @ w_out + b`` (what the memory comparison measures against).
+    """
+    hidden, logits = predictors(heads)
     if head == "fused":
-        return linear_cross_entropy(hidden, w, targets, bias=b, ignore_index=PAD, z_loss=Z_LOSS)
-    logits = hidden @ w + b[None, :]  # [B * T, L]: what the fused head never forms
-    return softmax_cross_entropy(logits, targets, ignore_index=PAD, z_loss=Z_LOSS)
+        return train.make_step(hidden, optimizer, head=OUTPUT_HEAD, mesh=mesh, **LOSS_OPTIONS)
+    return train.make_step(logits, optimizer, mesh=mesh, **LOSS_OPTIONS)
 
 
-def make_step(optimizer: optax.GradientTransformation, heads: int, head: str) -> Callable:
-    """One AdamW step on the whole model, ``jax.value_and_grad`` of :func:`lm_loss`."""
-
-    def step(params: dict, opt_state: Any, batch: jax.Array) -> tuple:
-        loss, grads = jax.value_and_grad(lm_loss)(params, batch, heads, head)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
+def _split(batch: Any) -> tuple[Any, Any]:
+    """``[B, T + 1]`` windows -> ``(inputs [B, T], next-token targets [B, T])``."""
+    return batch[:, :-1], batch[:, 1:]
 
 
 def optimizer_for(args: argparse.Namespace) -> optax.GradientTransformation:
@@ -244,19 +269,19 @@ def measure_step(head: str, batch: int, args: argparse.Namespace) -> dict[str, A
     """Peak memory and time of one training step, in this process (see :func:`memory_rows`)."""
     params = init_model(jax.random.key(0), args.vocab, args.width, args.layers, args.context)
     optimizer = optimizer_for(args)
-    opt_state = optimizer.init(params)
+    state = train.init_state(params, optimizer)
     tokens = jax.random.randint(jax.random.key(1), (batch, args.context + 1), 2, args.vocab)
-    step = jax.jit(make_step(optimizer, args.heads, head))
-    compiled = step.lower(params, opt_state, tokens).compile()
+    inputs, targets = _split(tokens)
+    compiled = _compiled(lm_step(optimizer, args.heads, head), state, inputs, targets)
     analysis = compiled.memory_analysis()
     temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
-    jax.block_until_ready((params, opt_state, tokens))
+    jax.block_until_ready((state, inputs, targets))
     status = Path("/proc/self/status")
     rss_before = _status_bytes(status, "VmRSS")
     if rss_before is not None:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     start = time.perf_counter()
-    jax.block_until_ready(compiled(params, opt_state, tokens))
+    jax.block_until_ready(compiled(state, inputs, targets))
     seconds = time.perf_counter() - start
     peak = _status_bytes(status, "VmHWM")
     mib = 2.0**20
@@ -268,6 +293,11 @@ def measure_step(head: str, batch: int, args: argparse.Namespace) -> dict[str, A
         "xla_temp_mib": None if temp is None else temp / mib,
         "first_step_s": seconds,
     }
+
+
+def _compiled(step: Callable, state: train.TrainState, inputs: Any, targets: Any) -> Any:
+    """The step compiled for these arguments (XLA's memory analysis; no buffers donated)."""
+    return jax.jit(lambda s, x, y: step(s, x, y)).lower(state, inputs, targets).compile()
 
 
 def _status_bytes(status: Path, field: str) -> int | None:
@@ -419,31 +449,33 @@ def _train(args: argparse.Namespace, data: _Data, params: dict) -> tuple[list, f
     from tqdm.auto import tqdm
 
     optimizer = optimizer_for(args)
-    place = _placement(args)
-    params = place(params, replicated=True)
-    opt_state = place(optimizer.init(params), replicated=True)  # as the step returns it
-    step = jax.jit(make_step(optimizer, args.heads, "fused"), donate_argnums=(0, 1))
-    evaluate = jax.jit(lambda p, b: lm_loss(p, b, args.heads))
+    step = lm_step(optimizer, args.heads, "fused", _mesh(args))
+    state = train.init_state(params, optimizer)
+    hidden, _ = predictors(args.heads)
     rng = np.random.default_rng(args.seed)
-    val_batches = [place(b) for b in _validation_batches(data.val, args)]
+    val_batches = _validation_batches(data.val, args)
     history: list[dict[str, float]] = []
     train_time = 0.0
     bar = tqdm(range(1, args.steps + 1), desc="training", leave=False, disable=not args.progress)
     for i in bar:
         starts = rng.integers(0, len(data.train) - args.context - 1, args.batch)
-        batch = place(jnp.asarray(windows(data.train, starts, args.context)))
+        batch = windows(data.train, starts, args.context)
         t0 = time.perf_counter()
-        params, opt_state, loss = step(params, opt_state, batch)
-        loss = float(loss)  # waits for the step
+        state, metrics = step(state, *_split(batch))
+        loss = float(metrics["loss"])  # waits for the step
         train_time += time.perf_counter() - t0
         if i % args.eval_every == 0 or i == args.steps or i == 1:
-            val = float(np.mean([float(evaluate(params, b)) for b in val_batches]))
+            scores = [
+                train.evaluate(hidden, state.params, *_split(b), head=OUTPUT_HEAD, **LOSS_OPTIONS)
+                for b in val_batches
+            ]
+            val = float(np.mean([s["loss"] for s in scores]))
             record = {"step": i, "train_loss": loss, "val_loss": val}
             history.append(record | {"val_perplexity": math.exp(val), "seconds": train_time})
             bar.set_postfix(loss=f"{loss:.3f}", val=f"{val:.3f}")
     bar.close()
     speed = _report_training(args, history, train_time, data.entropy)
-    return history, speed, (params, batch)
+    return history, speed, (state.params, jnp.asarray(batch))
 
 
 def _report_training(
@@ -480,56 +512,44 @@ def _write(args: argparse.Namespace, record: dict[str, Any]) -> None:
     print(f"written: {', '.join(map(str, written))} ({record['seconds']:.0f} s in all)")
 
 
-def _placement(args: argparse.Namespace) -> Callable[..., Any]:
-    """Where arrays go: data parallel over ``--devices`` (all visible ones by default).
+def _mesh(args: argparse.Namespace) -> Any:
+    """Data parallel over ``--devices`` (all visible ones by default), or None on one device.
 
-    Batches are sharded over a ``"data"`` axis of a ``jax.make_mesh`` mesh (Explicit axes), the
-    rest replicated; on one device arrays stay where they are (``args.devices``, checked by
+    A ``jax.make_mesh`` mesh (Explicit axes) with a ``"data"`` axis: the step shards each batch
+    over it and replicates the parameters and optimizer state (``args.devices``, checked by
     :func:`_check_flags`).
     """
     if args.devices == 1:
-        return lambda tree, replicated=False: tree
-    mesh = jax.make_mesh((args.devices,), ("data",), devices=jax.devices()[: args.devices])
+        return None
     print(f"data parallel: batches sharded over {args.devices} {jax.default_backend()} devices")
-
-    def place(tree: Any, replicated: bool = False) -> Any:
-        def one(a: jax.Array) -> jax.Array:
-            shard = not replicated and a.ndim and a.shape[0] % args.devices == 0
-            return jax.device_put(a, NamedSharding(mesh, PartitionSpec(*["data"][: int(shard)])))
-
-        return jax.tree.map(one, tree)
-
-    return place
+    return jax.make_mesh((args.devices,), ("data",), devices=jax.devices()[: args.devices])
 
 
-def _validation_batches(stream: np.ndarray, args: argparse.Namespace) -> list[jax.Array]:
+def _validation_batches(stream: np.ndarray, args: argparse.Namespace) -> list[np.ndarray]:
     """Non-overlapping windows of the validation stream, at most ``eval_batches`` batches."""
     per = args.context + 1
     count = min(len(stream) // per, args.batch * args.eval_batches)
     if count == 0:
         raise _base.CommandError("the validation split is shorter than one context")
     rows = stream[: count * per].reshape(count, per)
-    return [jnp.asarray(rows[i : i + args.batch]) for i in range(0, count, args.batch)]
+    return [rows[i : i + args.batch] for i in range(0, count, args.batch)]
 
 
 def _time_heads(args: argparse.Namespace, params: dict, batch: jax.Array) -> dict[str, float]:
     """Median seconds per training step of each head, 3 interleaved rounds in this process."""
     optimizer = optimizer_for(args)
+    inputs, targets = _split(batch)
     runs = {}
     for head in ("fused", "materialised"):
-        compiled = (
-            jax.jit(make_step(optimizer, args.heads, head))
-            .lower(params, optimizer.init(params), batch)
-            .compile()
-        )
-        state = optimizer.init(params)
+        state = train.init_state(params, optimizer)
+        compiled = _compiled(lm_step(optimizer, args.heads, head), state, inputs, targets)
         runs[head] = (compiled, state)
-        jax.block_until_ready(compiled(params, state, batch))
+        jax.block_until_ready(compiled(state, inputs, targets))
     times: dict[str, list[float]] = {h: [] for h in runs}
     for _ in range(3):
         for head, (compiled, state) in runs.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(compiled(params, state, batch))
+            jax.block_until_ready(compiled(state, inputs, targets))
             times[head].append(time.perf_counter() - t0)
     return {h: statistics.median(t) for h, t in times.items()}
 

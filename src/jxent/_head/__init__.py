@@ -13,6 +13,10 @@ from jxent._head._chunked import (
     scan_tokens,
     schedule,
 )
+from jxent._head._distill import (
+    linear_distillation_loss,
+    vocab_parallel_linear_distillation_loss,
+)
 from jxent._head._ggn import linear_cross_entropy_ggn_vector_product
 from jxent._head._linear import (
     Head,
@@ -33,6 +37,7 @@ __all__ = [
     "check_shapes",
     "linear_cross_entropy",
     "linear_cross_entropy_ggn_vector_product",
+    "linear_distillation_loss",
     "linear_log_probs",
     "over_blocks",
     "over_tokens",
@@ -40,5 +45,6 @@ __all__ = [
     "scan_tokens",
     "schedule",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_distillation_loss",
     "vocab_parallel_linear_log_probs",
 ]

@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jxent import _kernel, _loss
+from jxent import _kernel
 from jxent._options import Arrays, Config
 from jxent._problem import Problem
-from jxent._vjp import logits_only
 
 PyTree = Any
 
@@ -134,20 +133,35 @@ def mean_denominators(
 
 
 class Totals(NamedTuple):
-    """What the micro-batches add up (the carry of their scan)."""
+    """What a batch, or the micro-batches added up, give the step (the carry of their scan)."""
 
+    loss: jax.Array  # the loss; in the scan, the sum of the micro-batches' "sum" losses
     grads: PyTree
-    loss: jax.Array  # sum of the micro-batches' "sum" losses (scaled z-term)
-    right: jax.Array  # counted examples predicted right
-    count: jax.Array  # counted examples
+    sums: dict[str, jax.Array]  # counts and sums over the counted examples, for the metrics
     model_state: PyTree
 
 
-def micro_options(options: dict[str, Any], logits: jax.ShapeDtypeStruct, labels: Any) -> tuple:
-    """``(options of each micro-batch, denominator of the sum)`` for the whole batch's loss."""
+def per_example(options: dict[str, Any], rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(per-example options, the rest)``: a mask with the batch's leading axis splits with it.
+
+    One that broadcasts (``[1, L]``) stays whole, as do the other options.
+    """
+    split_ = {
+        k: v
+        for k, v in options.items()
+        if k == "where" and jnp.ndim(v) > 0 and jnp.shape(v)[0] == rows
+    }
+    return split_, {k: v for k, v in options.items() if k not in split_}
+
+
+def micro_options(options: dict[str, Any], problem: Problem) -> tuple[dict[str, Any], Any]:
+    """``(options of each micro-batch, denominator of the sum)`` for the whole batch's loss.
+
+    ``problem`` is the whole batch's (built from the scores' shape); with ``"sum"`` the options
+    stay and the denominator is None.
+    """
     if options.get("reduction", "mean") == "sum":
         return options, None
-    problem, _ = _loss.prepare_problem("step", logits, labels, **options)
     ce_denominator, z_denominator = problem.mean_denominators()
     micro = {**options, "reduction": "sum"}
     if "z_loss" in options:
@@ -156,46 +170,32 @@ def micro_options(options: dict[str, Any], logits: jax.ShapeDtypeStruct, labels:
 
 
 def accumulate(
-    grad_fn: Callable[..., Any],
+    grad_fn: Callable[..., Totals],
     params: PyTree,
-    batch: tuple[Any, Any, dict[str, Any]],
-    options: dict[str, Any],
+    batch: PyTree,
     microbatches: int,
     model_state: PyTree,
-    predict: Callable[..., Any],
+    denominator: jax.Array | None,
 ) -> Totals:
     """Runs ``grad_fn`` on each micro-batch in a ``lax.scan`` and adds up what it returns.
 
-    ``grad_fn(params, x, labels, options, model_state, index) -> (out, metrics)`` with ``out``
-    a ``LossGradsLogits``; ``predict(params, x, model_state)`` gives the logits' shape (traced
-    only). ``batch`` is ``(x, labels, per-example options)``; ``options`` the rest.
+    ``grad_fn(params, batch_j, model_state, index) -> Totals`` of micro-batch ``j`` (its loss
+    with the micro-batch options of :func:`micro_options`), ``batch_j`` the ``j``-th of
+    :func:`split` of ``batch``; the model state passes through the micro-batches in order. The
+    summed loss and gradients are divided by ``denominator`` (None: ``"sum"``, left as is).
     """
-    x, labels, per_example = batch
-    parts = split((x, labels, per_example), microbatches)
-    first = jax.tree.map(lambda a: a[0], parts[0])
-    shape = jax.eval_shape(lambda p, x: logits_only(predict(p, x, model_state)), params, first)
-    full = jax.ShapeDtypeStruct((shape.shape[0] * microbatches, *shape.shape[1:]), shape.dtype)
-    micro, denominator = micro_options({**options, **per_example}, full, labels)
-    micro = {k: v for k, v in micro.items() if k not in per_example}
+    parts = split(batch, microbatches)
 
     def body(totals: Totals, inputs: tuple) -> tuple[Totals, None]:
-        (x_j, labels_j, per_example_j), index = inputs
-        out, (acc, count) = grad_fn(
-            params, x_j, labels_j, {**micro, **per_example_j}, totals.model_state, index
-        )
-        grads = jax.tree.map(jnp.add, totals.grads, out.grads)
-        new = Totals(
-            grads,
-            totals.loss + out.loss,
-            totals.right + acc * count,
-            totals.count + count,
-            out.aux if out.aux is not None else totals.model_state,
-        )
-        return new, None
+        part, index = inputs
+        out = grad_fn(params, part, totals.model_state, index)
+        added = jax.tree.map(jnp.add, (totals.loss, totals.grads, totals.sums), out[:3])
+        return Totals(*added, out.model_state), None
 
-    zero = jnp.zeros((), jnp.float32)  # accuracy's counts are float32
-    loss = jnp.zeros((), jnp.promote_types(shape.dtype, jnp.float32))  # the loss's dtype
-    init = Totals(jax.tree.map(jnp.zeros_like, params), loss, zero, zero, model_state)
+    first = jax.tree.map(lambda a: a[0], parts)
+    shapes = jax.eval_shape(lambda p: grad_fn(p, first, model_state, 0)[:3], params)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    init = Totals(*zeros, model_state)
     totals, _ = lax.scan(body, init, (parts, jnp.arange(microbatches)))
     if denominator is None:
         return totals

@@ -21,16 +21,18 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jxent._curvature import gnb_diagonal
-from jxent._loss import Prepared, prepare, softmax_cross_entropy
-from jxent._options import (
-    check_option_names,
-    merged,
-    reject_structural,
-    require_scalar,
-    split_static,
+from jxent._loss import Prepared, prepare, prepare_problem, softmax_cross_entropy
+from jxent._options import merged, reject_structural, require_scalar, split_static
+from jxent._vjp import (
+    Predictor,
+    check_predictor,
+    logits_and_aux,
+    logits_only,
+    loss_grads_and_logits,
 )
-from jxent._vjp import Predictor, check_predictor, logits_only, loss_grads_and_logits
-from jxent.train import _microbatch
+from jxent.train import _linear_head, _microbatch
+from jxent.train._linear_head import LinearHead
+from jxent.train._microbatch import Totals
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -99,15 +101,10 @@ def mixed_precision(predictor: Predictor, compute_dtype: Any) -> Predictor:
         The wrapped predictor.
     """
 
-    def cast(tree: PyTree) -> PyTree:
-        return jax.tree.map(
-            lambda a: a.astype(compute_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-            tree,
-        )
-
     def low_precision(params: PyTree, x: Any, *rest: Any) -> Any:
         # rest: the stateful form's model state and key (make_step(has_aux=True)), as given
-        return predictor(cast(params), cast(x), *rest)
+        cast = _linear_head.cast_floating
+        return predictor(cast(params, compute_dtype), cast(x, compute_dtype), *rest)
 
     return low_precision
 
@@ -152,13 +149,14 @@ def accuracy_of(prepared: Prepared) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(right).astype(jnp.float32) / jnp.maximum(count, 1.0), count
 
 
-def _metrics(
-    loss: jax.Array, grads: PyTree, logits: jax.Array, labels: jax.Array, options: dict[str, Any]
-) -> Metrics:
-    acc, count = accuracy(logits, labels, **options)
-    metrics = {"loss": loss, "accuracy": acc, "count": count}
-    if grads is not None:
-        metrics["grad_norm"] = _global_norm(grads)
+def _metrics_of(loss: jax.Array, sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """``loss``, ``accuracy``, ``count`` and, with a head, ``entropy`` and ``lse`` (means)."""
+    count = sums["count"]
+    per = jnp.maximum(count, 1.0)
+    metrics = {"loss": loss, "accuracy": sums["right"] / per, "count": count}
+    for name in ("entropy", "lse"):
+        if name in sums:
+            metrics[name] = sums[name] / per.astype(sums[name].dtype)
     return metrics
 
 
@@ -169,6 +167,7 @@ def make_step(
     predictor: Predictor,
     optimizer: optax.GradientTransformation,
     *,
+    head: LinearHead | None = None,
     has_aux: bool = False,
     mesh: Mesh | None = None,
     compute_dtype: Any = None,
@@ -182,21 +181,35 @@ def make_step(
     are traced (one compilation for all batches of a shape), so ``axis``, ``reduction``,
     ``ignore_index`` and ``logit_softcap`` belong here, not in the call.
 
+    With ``head=LinearHead(w=..., bias=...)`` the predictor returns the hidden states
+    ``[..., D]`` in front of a linear head and the loss is :func:`jxent.linear_cross_entropy`
+    of the hidden states flattened to ``[N, D]``, ``head.w(params)`` ``[D, L]`` and the labels
+    (shaped like the hidden states without ``D``, flattened to ``[N]``): the ``[N, L]`` logits
+    are never formed. The gradient is ``jax.value_and_grad`` of that, through the fused head's
+    own hand-derived rule; tied embeddings (``w=lambda p: p["embed"].T``) get both of their
+    uses' gradients. ``where`` is then a token mask shaped like the labels, and the fused
+    head's ``chunk_size`` and ``vocab_block_size`` are options here too (not of the call).
+
     With ``has_aux=True`` the predictor is stateful and random: it is called as
-    ``predictor(params, x, model_state, key) -> (logits, new_model_state)`` with the state's
-    ``model_state`` (flax ``batch_stats``, equinox ``State``) and a key for this step,
-    ``jax.random.fold_in(state.key, state.step)`` (dropout); the step stores
-    ``new_model_state`` in the returned state. Give both to :func:`init_state`.
+    ``predictor(params, x, model_state, key) -> (logits, new_model_state)`` (hidden states
+    with a head) with the state's ``model_state`` (flax ``batch_stats``, equinox ``State``)
+    and a key for this step, ``jax.random.fold_in(state.key, state.step)`` (dropout); the step
+    stores ``new_model_state`` in the returned state. Give both to :func:`init_state`.
 
     Args:
-        predictor: ``predictor(params, x) -> logits``, or the stateful form above.
+        predictor: ``predictor(params, x) -> logits`` (``-> hidden`` with ``head``), or the
+            stateful form above.
         optimizer: An optax gradient transformation.
+        head: A :class:`LinearHead`: train with the fused head on the predictor's hidden
+            states. None: the predictor returns logits.
         has_aux: Whether the predictor is the stateful form.
         mesh: Optional mesh with a ``"data"`` axis (:func:`data_mesh`, ``jax.make_mesh``,
             ``Mesh``; other axes replicate): the batch is sharded along it, the state
-            replicated. The batch size must divide evenly.
+            replicated (with a head, each device's fused head scans its own tokens). The batch
+            size must divide evenly.
         compute_dtype: Run the predictor in this dtype (e.g. ``jnp.bfloat16``) with float32
-            master parameters; ``None`` computes in the parameters' dtype.
+            master parameters (a head's ``w`` and ``bias`` too); ``None`` computes in the
+            parameters' dtype.
         microbatches: Split each batch into this many micro-batches, run one after the other
             (a ``lax.scan``: the memory of one micro-batch), and make one update from their
             summed gradients -- equal to the whole batch's update for every reduction and
@@ -207,19 +220,25 @@ def make_step(
             ``optax.MultiSteps``, which averages the updates of ``k`` calls (each its own
             mean, so a micro-batch with few counted tokens weighs as much as a full one), this
             is one call per update.
-        **loss_options: Options of :func:`jxent.loss_and_logits_grad` (the reduction must be
-            ``"mean"`` or ``"sum"``).
+        **loss_options: Options of :func:`jxent.loss_and_logits_grad`, or with ``head`` of
+            :func:`jxent.linear_cross_entropy` (the reduction must be ``"mean"`` or
+            ``"sum"``).
 
     Returns:
         ``step(state, x, labels, **options)``, jitted (the state's buffers donated); metrics
         are the batch's ``loss``, ``accuracy`` and ``count`` (over exactly the examples the loss
-        counts, see :func:`accuracy`) and the gradient's global norm ``grad_norm``.
+        counts, see :func:`accuracy`) and the gradient's global norm ``grad_norm``; with a
+        head also ``entropy`` and ``lse``, the means over the counted tokens of the predicted
+        distribution's entropy and of the log-sum-exp (from the fused pass's statistics).
 
     Raises:
         ValueError: ``reduction="none"``; ``microbatches`` not a positive int; (per call) a
             batch size not divisible by ``microbatches``, or on a mesh a micro-batch not
-            divisible by the ``"data"`` axis; a mesh without a ``"data"`` axis.
-        TypeError: A misspelled option (naming ``make_step`` and the closest option).
+            divisible by the ``"data"`` axis; a mesh without a ``"data"`` axis; with a head,
+            (per call) hidden states whose last dimension is not ``head.w(params)``'s ``D``,
+            labels or ``where`` not shaped like the hidden states without ``D``.
+        TypeError: A misspelled option (naming ``make_step`` and the closest option); a
+            ``head`` that is not a :class:`LinearHead` of functions.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax, jxent
@@ -230,72 +249,102 @@ def make_step(
         >>> state, metrics = step(state, jnp.ones((4, 3)), jnp.array([0, 1, 0, 1]))
         >>> int(state.step)
         1
+
+        A tied-embedding language model: the predictor gives hidden states ``[B, T, D]``.
+
+        >>> def hidden(params, tokens):
+        ...     return jnp.tanh(params["embed"][tokens] @ params["mix"])
+        >>> params = {"embed": jnp.ones((11, 4)) / 4, "mix": jnp.eye(4)}
+        >>> tied = jxent.train.LinearHead(w=lambda params: params["embed"].T)
+        >>> step = jxent.train.make_step(hidden, opt, head=tied, ignore_index=0)
+        >>> tokens = jnp.array([[3, 5, 7, 0], [2, 4, 6, 8]])
+        >>> state, metrics = step(jxent.train.init_state(params, opt), tokens, tokens)
+        >>> sorted(metrics)
+        ['accuracy', 'count', 'entropy', 'grad_norm', 'loss', 'lse']
+        >>> int(metrics["count"])
+        7
     """
-    own = ("has_aux", "mesh", "compute_dtype", "microbatches")
-    check_option_names(loss_options, "make_step", own)
+    own = ("head", "has_aux", "mesh", "compute_dtype", "microbatches")
+    _linear_head.check_options(loss_options, "make_step", own, head)
     check_predictor(predictor, "make_step")
     require_scalar(loss_options, "make_step")
     microbatches = _microbatch.check_count(microbatches)
     model = predictor if compute_dtype is None else mixed_precision(predictor, compute_dtype)
 
-    def stateful(params: PyTree, x: Any, model_state: PyTree, key: Any) -> Any:
-        return model(params, x, model_state, key) if has_aux else model(params, x)
+    def forward(params: PyTree, x: Any, model_state: PyTree, key: Any) -> tuple[Any, PyTree]:
+        """``(scores, new model state)``: logits, or the head's hidden states."""
+        if has_aux:
+            return logits_and_aux(model(params, x, model_state, key))
+        return logits_only(model(params, x)), model_state
 
-    def grads_and_metrics(params, x, labels, options, model_state, key):
-        def run(params: PyTree, x: Any) -> Any:
-            return stateful(params, x, model_state, key)
+    def batch_totals(params, x, labels, options, model_state, key) -> Totals:
+        """Loss, gradient and the metrics' sums of one (micro-)batch, ``options`` merged."""
+        if head is not None:
+            run = functools.partial(forward, x=x, model_state=model_state, key=key)
+            return _linear_head.totals(run, head, params, labels, options, compute_dtype, "step")
+        out = loss_grads_and_logits(
+            lambda p, x: model(p, x, model_state, key) if has_aux else model(p, x),
+            params,
+            x,
+            labels,
+            {},
+            options,
+            "step",
+            has_aux,
+        )
+        acc, count = accuracy_of(out.prepared)
+        new_state = out.aux if has_aux else model_state
+        return Totals(out.loss, out.grads, {"right": acc * count, "count": count}, new_state)
 
-        out = loss_grads_and_logits(run, params, x, labels, loss_options, options, "step", has_aux)
-        return out, accuracy_of(out.prepared)
+    def whole_problem(params, first, labels, options, model_state, key):
+        """The whole batch's problem from the first micro-batch's scores' shape."""
+        run = functools.partial(forward, model_state=model_state, key=key)
+        if head is not None:
+            return _linear_head.whole_batch_problem(
+                run, head, params, first, labels, options, microbatches, compute_dtype
+            )
+        shape = jax.eval_shape(lambda p, x: run(p, x)[0], params, first)
+        full = jax.ShapeDtypeStruct((shape.shape[0] * microbatches, *shape.shape[1:]), shape.dtype)
+        return prepare_problem("step", full, labels, **options)[0]
 
-    def step(state: TrainState, x: Any, labels: Any, **options: Any) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, x: Any, labels: Any, **call: Any) -> tuple[TrainState, Metrics]:
+        options = merged(loss_options, call, "step")
         key = None
         if has_aux and state.key is not None:
             key = jax.random.fold_in(state.key, state.step)
         if microbatches == 1:
-            out, (acc, count) = grads_and_metrics(
-                state.params, x, labels, options, state.model_state, key
-            )
-            totals = _microbatch.Totals(out.grads, out.loss, acc * count, count, out.aux)
+            totals = batch_totals(state.params, x, labels, options, state.model_state, key)
         else:
-            totals = _micro_step(state, x, labels, options, key)
+            totals = micro_totals(state, x, labels, options, key)
         updates, opt_state = optimizer.update(totals.grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         model_state = totals.model_state if has_aux else state.model_state
         new = TrainState(params, opt_state, state.step + 1, model_state, state.key)
-        metrics = {"loss": totals.loss, "accuracy": totals.right / jnp.maximum(totals.count, 1.0)}
-        metrics |= {"count": totals.count, "grad_norm": _global_norm(totals.grads)}
-        return new, metrics
+        metrics = _metrics_of(totals.loss, totals.sums)
+        return new, metrics | {"grad_norm": _global_norm(totals.grads)}
 
-    def _micro_step(state, x, labels, options, key) -> _microbatch.Totals:
+    def micro_totals(state: TrainState, x, labels, options, key) -> Totals:
         rows = jnp.shape(labels)[0]
         _microbatch.check_divides(rows, microbatches)
-        # A mask with the batch's leading axis splits with it; one that broadcasts ([1, L]) stays.
-        per_example = {
-            k: v
-            for k, v in options.items()
-            if k == "where" and jnp.ndim(v) > 0 and jnp.shape(v)[0] == rows
-        }
-        rest = {k: v for k, v in options.items() if k not in per_example}
-        shared = merged(loss_options, rest, "step")
+        per_example, _ = _microbatch.per_example(options, rows)
+        first = jax.tree.map(lambda a: a[0], _microbatch.split(x, microbatches))
+        problem = whole_problem(state.params, first, labels, options, state.model_state, key)
+        micro, denominator = _microbatch.micro_options(options, problem)
 
-        def grad_fn(params, x, labels, options, model_state, index):
+        def grad_fn(params: PyTree, part: tuple, model_state: PyTree, index: Any) -> Totals:
+            x_j, labels_j, per_example_j = part
             sub_key = None if key is None else jax.random.fold_in(key, index)
-            return grads_and_metrics(params, x, labels, options, model_state, sub_key)
+            options_j = {**micro, **per_example_j}
+            return batch_totals(params, x_j, labels_j, options_j, model_state, sub_key)
 
-        def predict(params, x, model_state):  # the logits (their shape is what is used)
-            out = stateful(params, x, model_state, key)
-            return out[0] if has_aux else out
-
+        batch = (x, labels, per_example)
         return _microbatch.accumulate(
-            grad_fn,
-            state.params,
-            (x, labels, per_example),
-            shared,
-            microbatches,
-            state.model_state,
-            predict,
+            grad_fn, state.params, batch, microbatches, state.model_state, denominator
         )
+
+    def reject_per_call(options: dict[str, Any]) -> None:
+        reject_structural(options, "step")
+        _linear_head.reject_per_call(options, "step")
 
     if mesh is None:
         jitted_step = jax.jit(step, donate_argnums=0)
@@ -303,14 +352,19 @@ def make_step(
         def checked_step(
             state: TrainState, x: Any, labels: Any, **options: Any
         ) -> tuple[TrainState, Metrics]:
-            reject_structural(options, "step")
+            reject_per_call(options)
             return jitted_step(state, x, labels, **options)
 
         return checked_step
-    return _on_mesh(step, mesh, microbatches)
+    return _on_mesh(step, mesh, microbatches, reject_per_call)
 
 
-def _on_mesh(step: Callable[..., Any], mesh: Mesh, microbatches: int) -> StepFn:
+def _on_mesh(
+    step: Callable[..., Any],
+    mesh: Mesh,
+    microbatches: int,
+    reject_per_call: Callable[[dict[str, Any]], None],
+) -> StepFn:
     """``step`` with the batch sharded over the mesh's ``"data"`` axis, the state replicated.
 
     Any mesh works: ``jax.make_mesh`` (Explicit axes), ``Mesh(...)`` (Auto); inputs already laid
@@ -331,7 +385,7 @@ def _on_mesh(step: Callable[..., Any], mesh: Mesh, microbatches: int) -> StepFn:
     def sharded_step(
         state: TrainState, x: Any, labels: Any, **options: Any
     ) -> tuple[TrainState, Metrics]:
-        reject_structural(options, "step")
+        reject_per_call(options)
         rows = jnp.shape(labels)[0]
         _microbatch.check_divides(rows, microbatches)
         if (rows // microbatches) % shards:
@@ -353,42 +407,54 @@ def _on_mesh(step: Callable[..., Any], mesh: Mesh, microbatches: int) -> StepFn:
 
 
 def evaluate(
-    predictor: Predictor, params: PyTree, x: Any, labels: Any, **loss_options: Any
+    predictor: Predictor,
+    params: PyTree,
+    x: Any,
+    labels: Any,
+    *,
+    head: LinearHead | None = None,
+    **loss_options: Any,
 ) -> dict[str, float]:
     """Loss and accuracy of ``predictor`` on a whole data set (one jitted call).
 
-    The compiled function is cached by predictor, shapes and static options (``axis``,
-    ``reduction``, ``ignore_index``, ``logit_softcap`` and options given as Python numbers;
-    arrays such as ``where`` or ``weights`` are traced): calling ``evaluate`` again after every
-    epoch does not recompile. Pass the same predictor object each time (a new ``lambda`` or
-    ``functools.partial`` per call is a new function to JAX).
+    The compiled function is cached by predictor, head, shapes and static options (``axis``,
+    ``reduction``, ``ignore_index``, ``logit_softcap``, the head's ``chunk_size`` and options
+    given as Python numbers; arrays such as ``where`` or ``weights`` are traced): calling
+    ``evaluate`` again after every epoch does not recompile. Pass the same predictor (and head)
+    object each time (a new ``lambda`` or ``functools.partial`` per call is a new function to
+    JAX).
 
     Args:
-        predictor: ``predictor(params, x) -> logits`` (for a stateful model: its inference mode,
-            e.g. ``lambda p, x: model.apply({"params": p, **state}, x, train=False)``).
+        predictor: ``predictor(params, x) -> logits`` (``-> hidden`` with ``head``; for a
+            stateful model: its inference mode, e.g.
+            ``lambda p, x: model.apply({"params": p, **state}, x, train=False)``).
         params: Parameters.
         x: Inputs.
         labels: Integer labels or probabilities.
+        head: A :class:`LinearHead`: the loss is :func:`jxent.linear_cross_entropy` of the
+            predictor's hidden states, as in :func:`make_step`.
         **loss_options: Options of the loss; accuracy counts what the loss counts.
 
     Returns:
-        ``{"loss": float, "accuracy": float, "count": float}``.
+        ``{"loss": float, "accuracy": float, "count": float}``, with a head also ``entropy``
+        and ``lse`` (means over the counted tokens).
 
     Raises:
-        TypeError: A misspelled loss option.
+        TypeError: A misspelled loss option; a ``head`` that is not a :class:`LinearHead`.
         ValueError: ``reduction="none"`` (one loss is reported), and what the loss raises for
             the labels and options.
     """
-    check_option_names(loss_options, "evaluate")
+    _linear_head.check_options(loss_options, "evaluate", ("head",), head)
     require_scalar(loss_options, "evaluate")
     static, arrays = split_static(loss_options)
-    scores = _evaluate_jit(predictor, static, params, x, labels, arrays)
+    scores = _evaluate_jit(predictor, head, static, params, x, labels, arrays)
     return {k: float(v) for k, v in scores.items()}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _evaluate_jit(
     predictor: Predictor,
+    head: LinearHead | None,
     static: tuple[tuple[str, Any], ...],
     params: PyTree,
     x: Any,
@@ -396,8 +462,16 @@ def _evaluate_jit(
     arrays: dict[str, Any],
 ) -> Metrics:
     options = {**dict(static), **arrays}
+    if head is not None:
+        run = lambda p: (logits_only(predictor(p, x)), None)  # noqa: E731
+        loss, (stats, counted, _) = _linear_head.loss_and_stats(
+            run, head, params, labels, options, None, "evaluate"
+        )
+        return _metrics_of(loss, _linear_head.sums_of(stats, counted))
     logits = logits_only(predictor(params, x))
-    return _metrics(softmax_cross_entropy(logits, labels, **options), None, logits, labels, options)
+    acc, count = accuracy(logits, labels, **options)
+    loss = softmax_cross_entropy(logits, labels, **options)
+    return {"loss": loss, "accuracy": acc, "count": count}
 
 
 def fit(
@@ -418,6 +492,7 @@ def fit(
     model_state: PyTree = None,
     eval_predictor: Callable[[PyTree, Any, PyTree], jax.Array] | None = None,
     microbatches: int = 1,
+    head: LinearHead | None = None,
     **loss_options: Any,
 ) -> tuple[Any, list[dict[str, float]]]:
     """Trains ``predictor`` with the hand-derived gradient: shuffled minibatches, per-epoch eval.
@@ -449,6 +524,8 @@ def fit(
             ``eval_predictor(params, x, model_state) -> logits`` (running averages, no dropout).
         microbatches: Each step's batch in this many micro-batches with one exact update, as
             for :func:`make_step`; ``batch_size`` must be a multiple of it.
+        head: A :class:`LinearHead`: the predictor (and ``eval_predictor``) return hidden
+            states and the loss is the fused head's, as for :func:`make_step`.
         **loss_options: Options of the loss.
 
     Returns:
@@ -489,6 +566,7 @@ def fit(
         mesh=mesh,
         compute_dtype=compute_dtype,
         microbatches=microbatches,
+        head=head,
         **loss_options,
     )
     step_key = jax.random.fold_in(key, 1) if has_aux else None
@@ -521,7 +599,7 @@ def fit(
         if first_step is not None:
             record["first_step_seconds"] = first_step
         if eval_data is not None:
-            scores = _eval(predictor, eval_predictor, state, eval_data, has_aux, loss_options)
+            scores = _eval(predictor, eval_predictor, state, eval_data, has_aux, head, loss_options)
             record["eval_loss"] = scores["loss"]
             record["eval_accuracy"] = scores["accuracy"]
         record["seconds"] = time.perf_counter() - start
@@ -548,6 +626,7 @@ def _eval(
     state: TrainState,
     eval_data: tuple[Any, ...],
     has_aux: bool,
+    head: LinearHead | None,
     loss_options: dict[str, Any],
 ) -> dict[str, float]:
     options = dict(loss_options)
@@ -555,8 +634,11 @@ def _eval(
         options["where"] = eval_data[2]
     if has_aux:  # the model state is an argument, so the compiled evaluation is reused
         params_and_state = (state.params, state.model_state)
-        return evaluate(_with_state(eval_predictor), params_and_state, *eval_data[:2], **options)
-    return evaluate(predictor, state.params, *eval_data[:2], **options)
+        head = None if head is None else _head_with_state(head)
+        return evaluate(
+            _with_state(eval_predictor), params_and_state, *eval_data[:2], head=head, **options
+        )
+    return evaluate(predictor, state.params, *eval_data[:2], head=head, **options)
 
 
 @functools.cache
@@ -567,6 +649,13 @@ def _with_state(eval_predictor: Callable[..., jax.Array]) -> Predictor:
         return eval_predictor(params_and_state[0], x, params_and_state[1])
 
     return predictor
+
+
+@functools.cache
+def _head_with_state(head: LinearHead) -> LinearHead:
+    """``head`` of ``(params, model_state)``: one head object per head, as :func:`_with_state`."""
+    bias = None if head.bias is None else lambda ps: head.bias(ps[0])
+    return LinearHead(w=lambda ps: head.w(ps[0]), bias=bias)
 
 
 class GNBState(NamedTuple):
