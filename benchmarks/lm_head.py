@@ -1,4 +1,4 @@
-"""LM-head outputs of ``python -m benchmarks`` (alone: ``python -m benchmarks.lm_head``).
+"""LM-head outputs and distillation in ``python -m benchmarks`` (alone: ``-m benchmarks.lm_head``).
 
 At N=2048, D=512, L=65536, float32, every variant under ``jax.value_and_grad`` w.r.t. ``x, W``:
 
@@ -8,7 +8,10 @@ At N=2048, D=512, L=65536, float32, every variant under ``jax.value_and_grad`` w
   peak memory against the materialised ``log_softmax`` + gather (target: scratch >= 10x less);
 - the error of bfloat16 log-probabilities against float64 (from the same bf16-rounded inputs):
   the fused head (float32 accumulation) beside the materialised bf16 logits with
-  ``log_softmax`` in bf16 and in float32 -- the drift RL trainers report.
+  ``log_softmax`` in bf16 and in float32 -- the drift RL trainers report;
+- ``jxent.linear_distillation_loss`` (forward KL and JSD, teacher under stop_gradient) against
+  the same divergence written on both heads' materialised logits, interleaved (target <= 1.5x),
+  and the forward KL's peak memory, one process each (target: scratch >= 10x less).
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ import jax
 import jax.numpy as jnp
 
 import jxent
+from benchmarks import vocab
 from benchmarks.run import compile_jax, timed, vocab_rows
 
 TARGETS = {
     "log_probs / linear_cross_entropy time": 1.1,
     "materialised / log_probs scratch": 10.0,  # at least
+    "distillation fused / materialised time (forward KL)": 1.5,
+    "distillation fused / materialised time (JSD)": 1.5,
+    "distillation materialised / fused scratch": 10.0,  # at least
 }
 CE = "jxent.linear_cross_entropy (chunked)"
 LOG_PROBS = "jxent.linear_log_probs (chunked)"
@@ -93,10 +100,15 @@ def run(s: Callable, repeats: int) -> dict[str, Any]:
     n, d, vocab_l = s(2048, 64), s(512, 32), s(65536, 4096)
     print("LM head: linear_log_probs vs linear_cross_entropy, interleaved ...", flush=True)
     x, w, y = inputs(n, d, vocab_l)
-    runs = {name: compile_jax(fn, x, w)[0] for name, fn in programs(y).items()}
-    times = timed(runs, max(3, repeats // 2))  # ~2 s a call at the default shape
+    everything = programs(y)
+    teacher = vocab._teacher(x, w)
+    for divergence in ("forward_kl", "jsd"):
+        everything |= vocab.distill_programs(y, teacher, divergence)
+    runs = {name: compile_jax(fn, x, w)[0] for name, fn in everything.items()}
+    times = timed(runs, max(3, repeats // 2))  # ~2-6 s a call at the default shape
     print("LM head: memory, one process per variant ...", flush=True)
-    memory = vocab_rows(n, d, vocab_l, "float32", [MATERIALISED, LOG_PROBS], 1)
+    variants = [MATERIALISED, LOG_PROBS, *vocab.DISTILL_VOCAB]
+    memory = vocab_rows(n, d, vocab_l, "float32", variants, 1)
     print("LM head: bfloat16 log-prob error ...", flush=True)
     errors = bf16_errors(n, d, vocab_l)
     out = {"N": n, "D": d, "L": vocab_l, "times": times, "memory": memory, "bf16": errors}
@@ -106,6 +118,12 @@ def run(s: Callable, repeats: int) -> dict[str, Any]:
         / times[CE]["median_s"],
         "materialised / log_probs scratch": scratch[MATERIALISED] / scratch[LOG_PROBS],
     }
+    for kind in ("forward KL", "JSD"):
+        fused = times[f"jxent.linear_distillation_loss (chunked, {kind})"]["median_s"]
+        plain = times[f"jax.value_and_grad (materialised {kind})"]["median_s"]
+        out["ratios"][f"distillation fused / materialised time ({kind})"] = fused / plain
+    mat, fused = vocab.DISTILL_VOCAB
+    out["ratios"]["distillation materialised / fused scratch"] = scratch[mat] / scratch[fused]
     return out
 
 
@@ -126,7 +144,9 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {1e3 * r['median_s']:.0f} | {'' if mib is None else f'{mib:.0f}'} |"
         )
-    lines.append(f"| {MATERIALISED} | | {scratch.get(MATERIALISED, float('nan')):.0f} |")
+    for name in (MATERIALISED, vocab.DISTILL_VOCAB[0]):
+        if name not in h["times"]:
+            lines.append(f"| {name} | | {scratch.get(name, float('nan')):.0f} |")
     lines += ["", "| ratio | this run | target |", "|---|---|---|"]
     for name, value in h["ratios"].items():
         bound = "≥" if "scratch" in name else "≤"

@@ -71,9 +71,10 @@ def jax_variants(name: str, n: int, d: int, vocab: int, dtype: str) -> tuple[Cal
         fn = jax.jit(jax.value_and_grad(parallel, argnums=(0, 1)))
     elif name.startswith("jxent.linear_cross_entropy"):
         chunk = int(os.environ.get("JXENT_CHUNK", "0")) or None
+        block = int(os.environ.get("JXENT_BLOCK", "0")) or None
 
         def chunked(x, w):
-            return jxent.linear_cross_entropy(x, w, y, chunk_size=chunk)
+            return jxent.linear_cross_entropy(x, w, y, chunk_size=chunk, vocab_block_size=block)
 
         fn = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))
     elif name.startswith("jxent.linear_log_probs"):
@@ -83,6 +84,9 @@ def jax_variants(name: str, n: int, d: int, vocab: int, dtype: str) -> tuple[Cal
             return -jnp.mean(out.log_prob) - 0.01 * jnp.mean(out.entropy)
 
         fn = jax.jit(jax.value_and_grad(log_probs, argnums=(0, 1)))
+    elif name in DISTILL_VOCAB:
+        program = distill_programs(y, _teacher(x, w))[name]
+        fn = jax.jit(program)
     elif "ggn" in name:
         return _ggn_variant(name, x, w, y)
     elif name in SAMPLE_VOCAB:
@@ -103,6 +107,51 @@ def jax_variants(name: str, n: int, d: int, vocab: int, dtype: str) -> tuple[Cal
         return jax.block_until_ready(compiled(x, w))
 
     return run, x.size * x.dtype.itemsize + w.size * w.dtype.itemsize
+
+
+DISTILL_VOCAB = [
+    "jax.value_and_grad (materialised forward KL)",
+    "jxent.linear_distillation_loss (chunked, forward KL)",
+]
+
+
+def _teacher(x, w):
+    """A teacher head of the student's shapes (other values)."""
+    import jax.numpy as jnp
+
+    return jnp.roll(x, 1, axis=0), jnp.roll(w, 1, axis=0) * 1.5
+
+
+def distill_programs(y, teacher, divergence: str = "forward_kl"):
+    """Distillation's value and gradient w.r.t. the student ``(x, w)``: materialised, fused."""
+    import jax
+    import jax.numpy as jnp
+
+    import jxent
+
+    teacher_x, teacher_w = teacher
+
+    def materialised(x, w):
+        log_q = jax.nn.log_softmax(jnp.dot(x, w, preferred_element_type=jnp.float32))
+        teacher_logits = jnp.dot(teacher_x, teacher_w, preferred_element_type=jnp.float32)
+        log_p = jax.lax.stop_gradient(jax.nn.log_softmax(teacher_logits))
+        p = jnp.exp(log_p)
+        if divergence == "forward_kl":
+            return jnp.mean(jnp.sum(p * (log_p - log_q), axis=-1))
+        q = jnp.exp(log_q)
+        log_m = jnp.log(0.5 * (p + q))
+        d = jnp.sum(p * (log_p - log_m), -1) + jnp.sum(q * (log_q - log_m), -1)
+        return jnp.mean(0.5 * d)
+
+    def fused(x, w):
+        return jxent.linear_distillation_loss(x, w, teacher_x, teacher_w, divergence=divergence)
+
+    grad = {"argnums": (0, 1)}
+    kind = "forward KL" if divergence == "forward_kl" else "JSD"
+    return {
+        f"jax.value_and_grad (materialised {kind})": jax.value_and_grad(materialised, **grad),
+        f"jxent.linear_distillation_loss (chunked, {kind})": jax.value_and_grad(fused, **grad),
+    }
 
 
 GGN_VOCAB = [

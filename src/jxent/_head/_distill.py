@@ -261,7 +261,34 @@ def check_divergence(
     return Divergence(divergence, float(beta), t, t * t if scale else 1.0, float(hard_weight))
 
 
-def _prepare(function, x, w, teacher_x, teacher_w, labels, bias, teacher_bias, where, options):
+def _prepare(
+    function: str,
+    *,
+    x: ArrayLike,
+    w: ArrayLike,
+    teacher_x: ArrayLike,
+    teacher_w: ArrayLike,
+    bias: ArrayLike | None,
+    teacher_bias: ArrayLike | None,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    temperature_scaling: bool,
+    labels: ArrayLike | None,
+    hard_weight: float,
+    where: ArrayLike | None,
+    ignore_index: int | None,
+    reduction: Reduction,
+    teacher_gradient: bool,
+) -> tuple[Divergence, Head, Head, Problem]:
+    """Validates a call once: the divergence, both heads and the problem.
+
+    The teacher's gradient is stopped unless asked for; the problem holds the labels, the
+    tokens that count and the reduction.
+    """
+    div = check_divergence(divergence, beta, temperature, hard_weight, temperature_scaling, labels)
+    options = {"reduction": reduction, "weights": None, "ignore_index": ignore_index}
+    options |= {"label_smoothing": 0.0, "z_loss": 0.0, "logit_softcap": None}
     teacher_x, teacher_w = jnp.asarray(teacher_x), jnp.asarray(teacher_w)
     num_teacher, teacher_classes = _linear.check_shapes(teacher_x, teacher_w, teacher_bias)
     x, w = jnp.asarray(x), jnp.asarray(w)
@@ -282,7 +309,10 @@ def _prepare(function, x, w, teacher_x, teacher_w, labels, bias, teacher_bias, w
         )
     if teacher_bias is None:
         teacher_bias = jnp.zeros((teacher_classes,), teacher_w.dtype)
-    return student, Head(teacher_x, teacher_w, jnp.asarray(teacher_bias)), problem
+    teacher = Head(teacher_x, teacher_w, jnp.asarray(teacher_bias))
+    if not teacher_gradient:
+        teacher = lax.stop_gradient(teacher)
+    return div, student, teacher, problem
 
 
 def linear_distillation_loss(
@@ -379,13 +409,8 @@ def linear_distillation_loss(
         (MiniLLM, reverse KL); Agarwal et al. 2024 (GKD, generalised JSD); Liger Kernel's
         ``LigerFusedLinearJSDLoss``.
     """
-    div = check_divergence(divergence, beta, temperature, hard_weight, temperature_scaling, labels)
-    options = {"reduction": reduction, "weights": None, "ignore_index": ignore_index}
-    options |= {"label_smoothing": 0.0, "z_loss": 0.0, "logit_softcap": None}
-    args = (x, w, teacher_x, teacher_w, labels, bias, teacher_bias, where, options)
-    student, teacher, problem = _prepare("linear_distillation_loss", *args)
-    if not teacher_gradient:
-        teacher = lax.stop_gradient(teacher)
+    call = {k: v for k, v in locals().items() if k not in ("chunk_size", "vocab_block_size")}
+    div, student, teacher, problem = _prepare("linear_distillation_loss", **call)
     sched = _chunked.schedule(
         student.x.shape[0], problem.config.num_classes, chunk_size, vocab_block_size
     )
@@ -454,13 +479,9 @@ def vocab_parallel_linear_distillation_loss(
     """
     function = "vocab_parallel_linear_distillation_loss"
     _linear.check_vocab_mesh(function, mesh, axis_name)
-    div = check_divergence(divergence, beta, temperature, hard_weight, temperature_scaling, labels)
-    options = {"reduction": reduction, "weights": None, "ignore_index": ignore_index}
-    options |= {"label_smoothing": 0.0, "z_loss": 0.0, "logit_softcap": None}
-    args = (x, w, teacher_x, teacher_w, labels, bias, teacher_bias, where, options)
-    student, teacher, problem = _prepare(function, *args)
-    if not teacher_gradient:
-        teacher = lax.stop_gradient(teacher)
+    skip = ("function", "mesh", "axis_name", "chunk_size", "vocab_block_size")
+    call = {k: v for k, v in locals().items() if k not in skip}
+    div, student, teacher, problem = _prepare(function, **call)
     sched = _linear.vocab_schedule(
         function, student, problem, mesh, axis_name, chunk_size, vocab_block_size
     )
