@@ -1,7 +1,9 @@
 """jxent inside programs it did not write: export and serialization, checks without effects,
 float16 inputs to the fused head, and (8-device subprocess, ``tests/scripts/compose.py``) the
-user's own ``shard_map``, ``vmap`` over a sharded axis and sharded class weights. Compared with
-the plain loss in float64 (float32 on 8 devices), or with the same function called directly.
+user's own ``shard_map``, ``vmap`` over a sharded axis, sharded class weights, export and second
+derivatives with tokens sharded on an Auto mesh; and the persistent compilation cache across two
+processes (``tests/scripts/compose_cache.py``). Compared with the plain loss in float64 (float32
+on 8 devices), with the same function called directly, or with the compiled program.
 """
 
 import jax
@@ -156,6 +158,7 @@ def on_8_devices():
         "vocab_weights_eager",
         "vmap_sharded_explicit",  # vmap over an axis sharded on an Explicit mesh
         "export_explicit",  # the fused head exported with its tokens sharded
+        "export_auto",  # the same on an Auto mesh: the plain scan, XLA's own partitioning
         "mean_denominators_sharded_weights",
     ],
 )
@@ -172,3 +175,45 @@ def test_vmap_of_the_fused_head_on_an_auto_mesh_keeps_each_devices_tokens(on_8_d
     assert result["error"] <= FLOAT32_RTOL
     share = 64 // 8 * 8  # one device's share of x [64, 8], in elements
     assert not [g for g in result["gathers"] if g >= share], result["gathers"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    [
+        "hvp",
+        "grad_of_grad",
+        "hessian",
+        "none_grad",
+        "none_jvp",
+        "log_probs_grad",
+        "distillation_grad",
+    ],
+)
+def test_derivatives_on_an_auto_mesh_keep_each_devices_tokens(on_8_devices, case):
+    """jvp(grad) (the HVP), grad(grad), jax.hessian, reduction="none" in both modes, and the
+    gradients of the per-token log-probabilities and distillation loss (the same tangent map).
+
+    Before, the rule's tangent ran unpartitioned and XLA gathered all of x (512 elements).
+    """
+    result = on_8_devices[f"auto_{case}"]
+    assert not isinstance(result, str), result
+    assert result["error"] <= FLOAT32_RTOL
+    share = 64 // 8 * 8  # one device's share of x [64, 8], in elements
+    assert not [g for g in result["gathers"] if g >= share], result["gathers"]
+
+
+@pytest.mark.slow
+def test_a_second_process_hits_the_persistent_compilation_cache(tmp_path, monkeypatch):
+    """Auto (the partitioning rule, its tangent map) and Explicit meshes: no new entry.
+
+    Before, the rule's key in the program was the id() of a Python object (9 -> 10 entries).
+    """
+    monkeypatch.setenv("JXENT_CACHE_DIR", str(tmp_path))
+    first = run_script("compose_cache.py", devices=8)
+    second = run_script("compose_cache.py", devices=8)
+    assert first["entries"]
+    assert second["entries"] == first["entries"]
+    for run in (first, second):  # the second from the cache: still the plain loss's values
+        for case, err in run["errors"].items():
+            assert err <= FLOAT32_RTOL, (case, err)

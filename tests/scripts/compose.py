@@ -3,8 +3,9 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python compose.py
 
 Prints one JSON object (last line): for each case the largest error against the plain loss on
-one device (float32, relative to the largest reference entry), or the error message when it
-raised. ``tests/test_compose.py`` asserts on it.
+one device (float32, relative to the largest reference entry), with the element counts of the
+compiled program's all-gathers where the case keeps each device's tokens, or the error message
+when it raised. ``tests/test_compose.py`` asserts on it.
 """
 
 import json
@@ -141,6 +142,115 @@ def exported_on_an_explicit_mesh():
     return error(exported.call(*args), want)
 
 
+def on_an_auto_mesh():
+    """x and y with their tokens sharded on an Auto mesh (``Mesh``, no ``jax.set_mesh``)."""
+    tokens = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+    return jax.device_put(x, tokens), jax.device_put(y, tokens)
+
+
+def exported_on_an_auto_mesh():
+    """The same on an Auto mesh: the plain scan exported (the rule is not serializable)."""
+    xs, ys = on_an_auto_mesh()
+    fn = jax.jit(jax.value_and_grad(fused_sum, argnums=(0, 1)))
+    exported = export.deserialize(export.export(fn)(xs, w, ys).serialize())
+    want = jax.value_and_grad(plain, argnums=(0, 1))(x, w, y)
+    return error(exported.call(xs, w, ys), want)
+
+
+X_DOT = jax.random.normal(keys[2], (N, D))
+W_DOT = jax.random.normal(keys[3], (D, L))
+COTANGENT = jnp.linspace(-1.0, 1.0, N)  # of each token's loss, reduction="none"
+
+
+def hvp(loss):
+    """Forward over reverse: the Hessian of ``loss`` times (X_DOT, W_DOT)."""
+    grad = jax.grad(loss, argnums=(0, 1))
+    return lambda x, w, y: jax.jvp(lambda x, w: grad(x, w, y), (x, w), (X_DOT, W_DOT))
+
+
+def grad_of_grad(loss):
+    """Reverse over reverse."""
+    grad = jax.grad(loss, argnums=1)
+    return lambda x, w, y: jax.grad(lambda x, w: jnp.sum(grad(x, w, y) ** 2), argnums=(0, 1))(x, w)
+
+
+def hessian(loss):
+    """jax.hessian (forward over reverse, vmapped over the tangents) with respect to ``w``."""
+    return lambda x, w, y: jax.hessian(loss, argnums=1)(x, w, y)
+
+
+def per_token(x, w, y):
+    return jxent.linear_cross_entropy(x, w, y, reduction="none", chunk_size=8, vocab_block_size=16)
+
+
+def plain_per_token(x, w, y):
+    log_p = jax.nn.log_softmax(x @ w)
+    return -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
+
+
+def grad_none(loss):
+    return lambda x, w, y: jax.grad(
+        lambda x, w: jnp.sum(COTANGENT * loss(x, w, y)), argnums=(0, 1)
+    )(x, w)
+
+
+def jvp_none(loss):
+    return lambda x, w, y: jax.jvp(lambda x, w: loss(x, w, y), (x, w), (X_DOT, W_DOT))
+
+
+def log_probs_sum(x, w, y):
+    """Each token's log-probability and entropy at a temperature, weighted."""
+    out = jxent.linear_log_probs(x, w, y, temperature=1.3, chunk_size=8, vocab_block_size=16)
+    return jnp.sum(COTANGENT * (out.log_prob + 0.3 * out.entropy))
+
+
+def plain_log_probs_sum(x, w, y):
+    log_p = jax.nn.log_softmax(x @ w / 1.3)
+    picked = jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
+    entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=1)
+    return jnp.sum(COTANGENT * (picked + 0.3 * entropy))
+
+
+TEACHER_X = jax.random.normal(keys[3], (N, D))  # replicated beside the student's sharded x
+TEACHER_W = jax.random.normal(keys[2], (D, L))
+
+
+def distillation_sum(x, w, y):
+    """Each token's KL(teacher || student), weighted (reduction="none")."""
+    kl = jxent.linear_distillation_loss(
+        x, w, TEACHER_X, TEACHER_W, reduction="none", chunk_size=8, vocab_block_size=16
+    )
+    return jnp.sum(COTANGENT * kl)
+
+
+def plain_distillation_sum(x, w, y):
+    log_q, log_p = jax.nn.log_softmax(x @ w), jax.nn.log_softmax(TEACHER_X @ TEACHER_W)
+    return jnp.sum(COTANGENT * jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=1))
+
+
+def grad(loss):
+    return jax.grad(loss, argnums=(0, 1))
+
+
+def derivative_on_an_auto_mesh(derivative, fused, reference):
+    """``derivative`` of the fused loss with tokens sharded on an Auto mesh, and its program."""
+    xs, ys = on_an_auto_mesh()
+    fn = jax.jit(derivative(fused))
+    want = derivative(reference)(x, w, y)
+    return {"error": error(fn(xs, w, ys), want), "gathers": gathers(fn, xs, w, ys)}
+
+
+DERIVATIVES = {  # second derivatives, and reduction="none" (a tangent map JAX transposes)
+    "hvp": (hvp, fused_sum, plain),
+    "grad_of_grad": (grad_of_grad, fused_sum, plain),
+    "hessian": (hessian, fused_sum, plain),
+    "none_grad": (grad_none, per_token, plain_per_token),
+    "none_jvp": (jvp_none, per_token, plain_per_token),
+    "log_probs_grad": (grad, log_probs_sum, plain_log_probs_sum),  # the same tangent map
+    "distillation_grad": (grad, distillation_sum, plain_distillation_sum),
+}
+
+
 def mean_denominators_with_sharded_class_weights():
     mesh = jax.make_mesh((8,), ("vocab",))
     weights = jax.device_put(class_weights, NamedSharding(mesh, P("vocab")))
@@ -161,6 +271,11 @@ def main():
         "export_explicit": attempt(exported_on_an_explicit_mesh),
         "mean_denominators_sharded_weights": attempt(mean_denominators_with_sharded_class_weights),
         "vmap_auto": attempt(vmap_of_the_fused_head_on_an_auto_mesh),
+        "export_auto": attempt(exported_on_an_auto_mesh),
+        **{
+            f"auto_{name}": attempt(lambda case=case: derivative_on_an_auto_mesh(*case))
+            for name, case in DERIVATIVES.items()
+        },
     }
     print(json.dumps(results))
 

@@ -479,7 +479,7 @@ def vocab_parallel_linear_distillation_loss(
     """
     function = "vocab_parallel_linear_distillation_loss"
     _linear.check_vocab_mesh(function, mesh, axis_name)
-    skip = ("function", "mesh", "axis_name", "chunk_size", "vocab_block_size")
+    skip = ("function", "mesh", "axis_name", "chunk_size", "vocab_block_size", "skip")
     call = {k: v for k, v in locals().items() if k not in skip}
     div, student, teacher, problem = _prepare(function, **call)
     sched = _linear.vocab_schedule(

@@ -489,7 +489,7 @@ def _run(
         return _tokens.shard_map_over(
             fn, operands, in_roles, out_roles, sched.mesh, sched.token_axes, sched.vocab_axis
         )
-    # The tangent map is transposed for reverse mode: no partitioning rule (not transposable).
+    # The tangent map is transposed for reverse mode (on Auto axes too: see over_tokens).
     return _tokens.over_tokens(fn, operands, in_roles, out_roles, transposable=dots is not None)
 
 
