@@ -297,3 +297,22 @@ def test_on_8_devices_equal_the_plain_fields_on_one(on_8_devices, case):
     assert not isinstance(result, str), result  # a message: it raised
     assert result["error"] <= 1e-12
     assert result["argmax_differs"] == 0
+
+
+@pytest.mark.parametrize(
+    ("function", "misspelled", "meant"),
+    [
+        ("linear_cross_entropy", "label_smothing", "label_smoothing"),
+        ("linear_log_probs", "temprature", "temperature"),
+        ("linear_distillation_loss", "diverence", "divergence"),
+        ("log_probs", "ignore_idx", "ignore_index"),
+    ],
+)
+def test_misspelled_options_are_named_with_the_one_meant(function, misspelled, meant):
+    x, w, y = jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.array([0, 1])
+    args = {
+        "linear_distillation_loss": (x, w, x, w),
+        "log_probs": (x @ w, y),
+    }.get(function, (x, w, y))
+    with pytest.raises(TypeError, match=f"{misspelled!r}; did you mean {meant!r}"):
+        getattr(jxent, function)(*args, **{misspelled: 1})

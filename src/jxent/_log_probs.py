@@ -18,7 +18,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from jxent import _kernel, _loss
+from jxent import _kernel, _loss, _options
 from jxent._problem import Problem
 
 
@@ -85,6 +85,7 @@ _fields.defjvp(_fields_jvp, symbolic_zeros=True)
 _fields_jit = jax.jit(_fields)
 
 
+@_options.suggests_misspellings
 def log_probs(
     logits: ArrayLike,
     labels: ArrayLike,

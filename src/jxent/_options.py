@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
 import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -119,6 +122,28 @@ def check_option_names(
                 f"{function}() got an unknown loss option {name!r}{hint} "
                 f"(options: {', '.join(OPTION_NAMES)})"
             )
+
+
+def suggests_misspellings(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` whose misspelled keyword arguments raise a ``TypeError`` suggesting the closest.
+
+    For public functions that spell their options out (``linear_cross_entropy``): Python's own
+    message names the unknown argument but not the one meant. The signature stays ``fn``'s.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        known = inspect.signature(fn).parameters
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(
+                f"{fn.__name__}() got an unexpected keyword argument {unknown[0]!r}{hint}"
+            )
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def merged(factory: dict[str, Any], call: dict[str, Any], function: str) -> dict[str, Any]:

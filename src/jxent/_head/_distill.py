@@ -22,7 +22,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from jxent import _divergence, _kernel
+from jxent import _divergence, _kernel, _options
 from jxent._divergence import Divergence, PairStats
 from jxent._head import _chunked, _linear, _tokens
 from jxent._head._linear import HEAD_ROLES, Head
@@ -315,6 +315,7 @@ def _prepare(
     return div, student, teacher, problem
 
 
+@_options.suggests_misspellings
 def linear_distillation_loss(
     x: ArrayLike,
     w: ArrayLike,
@@ -417,6 +418,7 @@ def linear_distillation_loss(
     return _loss_fn(sched, div)(student, teacher, problem)
 
 
+@_options.suggests_misspellings
 def vocab_parallel_linear_distillation_loss(
     x: ArrayLike,
     w: ArrayLike,

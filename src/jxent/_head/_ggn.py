@@ -27,13 +27,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jxent import _kernel
+from jxent import _kernel, _options
 from jxent._head import _chunked, _linear, _tokens
 from jxent._kernel import OptionDots
 from jxent._loss import Reduction
 from jxent._problem import Problem
 
 
+@_options.suggests_misspellings
 def linear_cross_entropy_ggn_vector_product(
     x: ArrayLike,
     w: ArrayLike,

@@ -493,6 +493,7 @@ def _run(
     return _tokens.over_tokens(fn, operands, in_roles, out_roles, transposable=dots is not None)
 
 
+@_options.suggests_misspellings
 def linear_cross_entropy(
     x: ArrayLike,
     w: ArrayLike,
@@ -605,6 +606,7 @@ def _with_stats(problem: Problem, out: Any) -> Any:
     return loss, _kernel.cross_entropy_stats(problem.config, rows, options, lse, entropy, argmax)
 
 
+@_options.suggests_misspellings
 def vocab_parallel_linear_cross_entropy(
     x: ArrayLike,
     w: ArrayLike,

@@ -31,7 +31,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.typing import ArrayLike
 
-from jxent import _kernel
+from jxent import _kernel, _options
 from jxent._head import _chunked, _linear, _tokens
 from jxent._head._linear import HEAD_ROLES, Head
 from jxent._kernel import LogProbSums, OptionDots, Stats
@@ -180,6 +180,7 @@ def _prepare(function, x, w, labels, bias, where, ignore_index, logit_softcap, t
     return head, t, Problem(problem.config, rows, problem.options)
 
 
+@_options.suggests_misspellings
 def linear_log_probs(
     x: ArrayLike,
     w: ArrayLike,
@@ -265,6 +266,7 @@ def linear_log_probs(
     return LogProbs(*_fields_fn(sched)(head, t, problem))
 
 
+@_options.suggests_misspellings
 def vocab_parallel_linear_log_probs(
     x: ArrayLike,
     w: ArrayLike,
