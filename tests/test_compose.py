@@ -102,18 +102,19 @@ def test_checked_still_raises_on_the_same_function_exported_without_a_check(key)
         jxent.checked(fn)(x @ w, bad)
 
 
-def test_the_vocab_parallel_loss_inside_a_shard_map_is_refused_in_jxents_words(key):
+def test_the_vocab_parallel_loss_inside_a_shard_map_not_over_its_axis_is_refused(key):
     x, w, y = _head(key, dtype=jnp.float32)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "vocab"))
     spec = jax.sharding.PartitionSpec
 
     def local(x, y):
-        return jxent.vocab_parallel_linear_cross_entropy(x, w, y, mesh=mesh, axis_name="data")
+        return jxent.vocab_parallel_linear_cross_entropy(x, w, y, mesh=mesh)
 
     mapped = jax.shard_map(
-        local, mesh=mesh, in_specs=(spec("data"), spec("data")), out_specs=spec()
-    )
-    with pytest.raises(ValueError, match=r"cannot run inside jax\.shard_map"):
+        local, mesh=mesh, in_specs=(spec("data"), spec("data")), out_specs=spec(),
+        axis_names={"data"},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"needs the vocabulary axis 'vocab' among its manual"):
         jax.jit(mapped)(x, y)
 
 
@@ -154,6 +155,9 @@ def on_8_devices():
         "shard_map_auto",  # jax.grad inside the user's shard_map, check_vma on
         "shard_map_explicit",
         "shard_map_partial_2d",  # manual over "data" of a 2-D Auto mesh
+        "vocab_parallel_shard_map_auto",  # the user's shard_map over "vocab", check_vma on
+        "vocab_parallel_shard_map_explicit",
+        "vocab_parallel_shard_map_2d",  # over "data" and "vocab"
         "vocab_weights_jit",  # class weights P("vocab"), labels replicated
         "vocab_weights_eager",
         "vmap_sharded_explicit",  # vmap over an axis sharded on an Explicit mesh

@@ -73,6 +73,32 @@ def in_users_shard_map(mesh, axis_names=None):
     return error(jax.jit(mapped)(*args), WANT)
 
 
+def vocab_parallel_in_users_shard_map(mesh, token_axis=None):
+    """jax.grad of the vocab-parallel loss inside the user's shard_map over "vocab" (and the
+    tokens' axis), check_vma on: w is each device's shard, the loss its collectives' own."""
+    tokens = P() if token_axis is None else P(token_axis)
+
+    def local(x, y, w):
+        def loss(x, w):
+            return jxent.vocab_parallel_linear_cross_entropy(
+                x, w, y, mesh=mesh, reduction="sum", chunk_size=8, vocab_block_size=2
+            )
+
+        return jax.grad(loss, argnums=(0, 1))(x, w)  # dW: psum over the tokens by the transpose
+
+    mapped = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(tokens, tokens, P(None, "vocab")),
+        out_specs=(tokens, P(None, "vocab")),
+    )
+    args = [x, y, w]
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        specs = (tokens, tokens, P(None, "vocab"))
+        args = [jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs, strict=True)]
+    return error(jax.jit(mapped)(*args), WANT)
+
+
 def vocab_parallel_class_weights(jit):
     """Class weights sharded like w's columns, labels replicated (an Explicit mesh)."""
     mesh = jax.make_mesh((8,), ("vocab",))
@@ -259,12 +285,24 @@ def mean_denominators_with_sharded_class_weights():
 
 
 def main():
-    auto = Mesh(np.array(jax.devices()), ("data",))
+    devices = np.array(jax.devices())
+    auto = Mesh(devices, ("data",))
     auto_2d = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     results = {
         "shard_map_auto": attempt(lambda: in_users_shard_map(auto)),
         "shard_map_explicit": attempt(lambda: in_users_shard_map(jax.make_mesh((8,), ("data",)))),
         "shard_map_partial_2d": attempt(lambda: in_users_shard_map(auto_2d, {"data"})),
+        "vocab_parallel_shard_map_auto": attempt(
+            lambda: vocab_parallel_in_users_shard_map(Mesh(devices, ("vocab",)))
+        ),
+        "vocab_parallel_shard_map_explicit": attempt(
+            lambda: vocab_parallel_in_users_shard_map(jax.make_mesh((8,), ("vocab",)))
+        ),
+        "vocab_parallel_shard_map_2d": attempt(
+            lambda: vocab_parallel_in_users_shard_map(
+                Mesh(devices.reshape(2, 4), ("data", "vocab")), "data"
+            )
+        ),
         "vocab_weights_jit": attempt(lambda: vocab_parallel_class_weights(True)),
         "vocab_weights_eager": attempt(lambda: vocab_parallel_class_weights(False)),
         "vmap_sharded_explicit": attempt(vmap_over_a_sharded_explicit_axis),

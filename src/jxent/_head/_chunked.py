@@ -45,7 +45,7 @@ class Schedule:
         chunk: Tokens per scan step.
         block: Classes per vocabulary block (the last block may be smaller).
         vocab_axis: The mesh axis that shards the vocabulary (vocab-parallel), or None.
-        mesh: The mesh of ``vocab_axis``, or None.
+        mesh: The mesh of ``vocab_axis``, or None (inside the user's ``shard_map`` over it).
         token_axes: With ``vocab_axis``: the mesh axes that shard the tokens (``()``: none).
     """
 
@@ -54,6 +54,11 @@ class Schedule:
     vocab_axis: str | None = None
     mesh: Mesh | None = None
     token_axes: tuple[str, ...] = ()
+
+    @property
+    def inside(self) -> bool:
+        """Vocab-parallel inside the user's ``shard_map``: ``vocab_axis`` is already manual."""
+        return self.vocab_axis is not None and self.mesh is None
 
 
 def default_chunk_size(num_tokens: int, num_classes: int) -> int:

@@ -198,9 +198,7 @@ def _run(sched, div, student, teacher, problem, dots=None) -> dict:
     operands = (student, teacher, problem, dots)
     in_roles = (HEAD_ROLES, HEAD_ROLES, problem.roles(), dot_roles)
     if sched.vocab_axis is not None:
-        return _tokens.shard_map_over(
-            fn, operands, in_roles, out_roles, sched.mesh, sched.token_axes, sched.vocab_axis
-        )
+        return _tokens.vocab_parallel(fn, operands, in_roles, out_roles, sched)
     return _tokens.over_tokens(fn, operands, in_roles, out_roles, transposable=dots is not None)
 
 
@@ -480,7 +478,11 @@ def vocab_parallel_linear_distillation_loss(
             inside ``jax.shard_map``, and what :func:`linear_distillation_loss` raises.
     """
     function = "vocab_parallel_linear_distillation_loss"
-    _linear.check_vocab_mesh(function, mesh, axis_name)
+    if _linear.check_vocab_mesh(function, mesh, axis_name) > 1:
+        raise ValueError(
+            f"{function} cannot run inside jax.shard_map: call it outside (it shards both heads "
+            "over the mesh itself), or inside use linear_distillation_loss on each device's tokens"
+        )
     skip = ("function", "mesh", "axis_name", "chunk_size", "vocab_block_size", "skip")
     call = {k: v for k, v in locals().items() if k not in skip}
     div, student, teacher, problem = _prepare(function, **call)

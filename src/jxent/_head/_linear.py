@@ -80,13 +80,28 @@ def prepare(
     bias: ArrayLike | None,
     where: ArrayLike | None,
     options: dict[str, Any],
+    vocab_shards: int = 1,
 ) -> tuple[Head, Problem]:
-    """Validates the arguments once; returns the head and the problem."""
+    """Validates the arguments once; returns the head and the problem.
+
+    ``vocab_shards > 1``: inside the user's ``shard_map`` over the vocabulary, ``w`` and
+    ``bias`` are this device's shard of ``L = w.shape[1] * vocab_shards`` classes; labels are
+    global class indices (integer only, no class weights: both would need the whole ``[L]``).
+    """
     _options.check_option_names(options, function)
     if "axis" in options:
         raise TypeError(f"{function}() has no axis option: classes are w's columns")
     x, w, labels = jnp.asarray(x), jnp.asarray(w), jnp.asarray(labels)
-    num_tokens, num_classes = check_shapes(x, w, bias)
+    num_tokens, local_classes = check_shapes(x, w, bias)
+    num_classes = local_classes * vocab_shards
+    if vocab_shards > 1 and (
+        options.get("weights") is not None or jnp.issubdtype(labels.dtype, jnp.floating)
+    ):
+        raise ValueError(
+            f"{function} inside jax.shard_map over the vocabulary takes integer labels and no "
+            "class weights (both need every class on each device); call it outside shard_map "
+            "for those"
+        )
     layout = _validate.Layout((0, 1), (num_tokens,), (num_classes,))
     soft = _validate.check_labels((num_tokens, num_classes), labels, layout)
     row_mask, class_mask = _validate.check_where(where, (num_tokens, num_classes), layout)
@@ -105,7 +120,7 @@ def prepare(
         compute_dtype=_chunked.accumulation_dtype(x, w),
         options=options,
     )
-    bias = jnp.zeros((num_classes,), w.dtype) if bias is None else jnp.asarray(bias)
+    bias = jnp.zeros((local_classes,), w.dtype) if bias is None else jnp.asarray(bias)
     return Head(x, w, bias), problem
 
 
@@ -429,7 +444,10 @@ def _loss_fn(sched: _chunked.Schedule, extra: bool = False) -> Any:
             for dot, name in pairs:
                 if dot is not None:
                     grad = getattr(out, name)
-                    tangent = tangent + jnp.sum(grad * dot.astype(grad.dtype))
+                    term = jnp.sum(grad * dot.astype(grad.dtype))
+                    if sched.inside and name in ("dw", "dbias"):  # this shard's classes only
+                        term = lax.psum(term, sched.vocab_axis)
+                    tangent = tangent + term
             if dots.options.weights is not None:
                 mean_ce = jnp.sum(ce_weight * out.ce)
                 d_w = _kernel.weights_denominator_grad(
@@ -486,9 +504,7 @@ def _run(
     operands = (head, problem, scales, dots)
     in_roles = (HEAD_ROLES, problem.roles(), ("T", "T"), dot_roles)
     if sched.vocab_axis is not None:
-        return _tokens.shard_map_over(
-            fn, operands, in_roles, out_roles, sched.mesh, sched.token_axes, sched.vocab_axis
-        )
+        return _tokens.vocab_parallel(fn, operands, in_roles, out_roles, sched)
     # The tangent map is transposed for reverse mode (on Auto axes too: see over_tokens).
     return _tokens.over_tokens(fn, operands, in_roles, out_roles, transposable=dots is not None)
 
@@ -644,7 +660,9 @@ def vocab_parallel_linear_cross_entropy(
     works: ``jax.make_mesh`` (Explicit axes), ``Mesh(...)`` (Auto), inside ``jax.set_mesh``;
     inputs not laid out as described are resharded, inputs already laid out are not moved.
     Eager ``jax.grad`` (outside ``jit``) on an Explicit mesh needs ``jax.set_mesh(mesh)``, as
-    any JAX function whose result lives on such a mesh; not inside the user's ``shard_map``.
+    any JAX function whose result lives on such a mesh. Inside the user's ``shard_map`` over
+    ``axis_name``, ``w`` and ``bias`` are this device's shard and the loss runs on them with its
+    collectives over that axis (integer labels, no class weights).
 
     Args:
         x: Hidden states ``[N, D]``, sharded over the token axes (or to be).
@@ -672,29 +690,36 @@ def vocab_parallel_linear_cross_entropy(
 
     Raises:
         ValueError: ``axis_name`` not in ``mesh``, ``L`` not divisible by its size, a call
-            inside ``jax.shard_map``, and everything :func:`linear_cross_entropy` raises.
+            inside a ``jax.shard_map`` not over ``axis_name`` (or over it with class weights or
+            probability labels), and everything :func:`linear_cross_entropy` raises.
     """
     function = "vocab_parallel_linear_cross_entropy"
-    check_vocab_mesh(function, mesh, axis_name)
+    shards = check_vocab_mesh(function, mesh, axis_name)
     options = {"reduction": reduction, "weights": weights, "ignore_index": ignore_index}
     options |= {"label_smoothing": label_smoothing, "z_loss": z_loss}
     options |= {"logit_softcap": logit_softcap}
-    head, problem = prepare(function, x, w, labels, bias, where, options)
+    head, problem = prepare(function, x, w, labels, bias, where, options, shards)
     sched = vocab_schedule(function, head, problem, mesh, axis_name, chunk_size, vocab_block_size)
     return _with_stats(problem, _loss_fn(sched, _check_flag(return_stats))(head, problem))
 
 
-def check_vocab_mesh(function: str, mesh: Mesh, axis_name: str) -> None:
-    """Raises unless ``axis_name`` is an axis of ``mesh`` and no ``shard_map`` is around."""
+def check_vocab_mesh(function: str, mesh: Mesh, axis_name: str) -> int:
+    """Raises unless ``axis_name`` is an axis of ``mesh``; its size inside a ``shard_map``, else 1.
+
+    Inside the user's ``shard_map`` the vocabulary axis must be one of its manual axes: then
+    ``w`` is already this device's shard and the loss runs on it with the collectives over
+    that axis (no ``shard_map`` of its own).
+    """
     if axis_name not in mesh.shape:
         raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
     manual = jax.sharding.get_abstract_mesh().manual_axes
-    if manual:
+    if manual and axis_name not in manual:
         raise ValueError(
-            f"{function} shards over its mesh itself and cannot run inside jax.shard_map (found "
-            f"manual axes {tuple(manual)}): call it outside, or inside use the one-device "
-            "function on each device's tokens"
+            f"{function} inside jax.shard_map needs the vocabulary axis {axis_name!r} among its "
+            f"manual axes (found {tuple(manual)}): map over it too (w sharded P(None, "
+            f"{axis_name!r})), call it outside, or inside use the one-device function"
         )
+    return mesh.shape[axis_name] if manual else 1
 
 
 def vocab_schedule(
@@ -708,6 +733,11 @@ def vocab_schedule(
 ) -> _chunked.Schedule:
     """The schedule of one device's tokens and vocabulary shard; raises if ``L`` does not divide."""
     shards, num_classes = mesh.shape[axis_name], problem.config.num_classes
+    if axis_name in jax.sharding.get_abstract_mesh().manual_axes:  # w is already the shard
+        local = head.w.shape[1]
+        return _chunked.schedule(
+            head.x.shape[0], local, chunk_size, vocab_block_size, vocab_axis=axis_name
+        )
     if num_classes % shards:
         raise ValueError(
             f"{function}: w has L = {num_classes} classes, which do not divide over the {shards} "

@@ -133,9 +133,7 @@ def _run(sched, head: Head, t, problem: Problem, dots: _Dots | None = None) -> _
     operands = (head, t, problem, dots)
     in_roles = (HEAD_ROLES, "", problem.roles(), dot_roles)
     if sched.vocab_axis is not None:
-        return _tokens.shard_map_over(
-            fn, operands, in_roles, out_roles, sched.mesh, sched.token_axes, sched.vocab_axis
-        )
+        return _tokens.vocab_parallel(fn, operands, in_roles, out_roles, sched)
     return _tokens.over_tokens(fn, operands, in_roles, out_roles, transposable=dots is not None)
 
 
@@ -165,10 +163,12 @@ def _fields_fn(sched: _chunked.Schedule) -> Any:
     return jax.jit(fields)
 
 
-def _prepare(function, x, w, labels, bias, where, ignore_index, logit_softcap, temperature):
+def _prepare(
+    function, x, w, labels, bias, where, ignore_index, logit_softcap, temperature, shards=1
+):
     options = {"reduction": "none", "weights": None, "ignore_index": ignore_index}
     options |= {"label_smoothing": 0.0, "z_loss": 0.0, "logit_softcap": logit_softcap}
-    head, problem = _linear.prepare(function, x, w, labels, bias, where, options)
+    head, problem = _linear.prepare(function, x, w, labels, bias, where, options, shards)
     if problem.config.soft:
         raise TypeError(
             f"{function}: labels must be integer class indices [N] (the sampled tokens), found "
@@ -312,9 +312,9 @@ def vocab_parallel_linear_log_probs(
             inside ``jax.shard_map``, and everything :func:`linear_log_probs` raises.
     """
     function = "vocab_parallel_linear_log_probs"
-    _linear.check_vocab_mesh(function, mesh, axis_name)
+    shards = _linear.check_vocab_mesh(function, mesh, axis_name)
     head, t, problem = _prepare(
-        function, x, w, labels, bias, where, ignore_index, logit_softcap, temperature
+        function, x, w, labels, bias, where, ignore_index, logit_softcap, temperature, shards
     )
     sched = _linear.vocab_schedule(
         function, head, problem, mesh, axis_name, chunk_size, vocab_block_size

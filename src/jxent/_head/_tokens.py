@@ -148,6 +148,21 @@ def shard_map_over(
     return mapped(*args)
 
 
+def vocab_parallel(
+    fn: Callable[..., Any], args: tuple, in_roles: Roles, out_roles: Roles, sched: Any
+) -> Any:
+    """``fn(*args)`` on each device's vocabulary shard (and tokens), per the schedule.
+
+    Under its own ``shard_map`` over ``sched.mesh``; inside the user's ``shard_map`` over the
+    vocabulary axis (``sched.inside``) the arguments already are the shards: ``fn`` runs as is.
+    """
+    if sched.inside:
+        return fn(*args)
+    return shard_map_over(
+        fn, args, in_roles, out_roles, sched.mesh, sched.token_axes, sched.vocab_axis
+    )
+
+
 def over_tokens(
     fn: Callable[..., Any],
     args: tuple,
