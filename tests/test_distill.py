@@ -67,7 +67,10 @@ CASES = [  # divergence, beta
 @pytest.mark.parametrize(
     ("temperature", "hard_weight", "scaling"), [(1.0, 0.0, False), (2.0, 0.3, True)]
 )
-@pytest.mark.parametrize(("chunk_size", "vocab_block_size"), [(None, None), (8, 5)])
+@pytest.mark.parametrize(
+    ("chunk_size", "vocab_block_size"),
+    [pytest.param(None, None, marks=pytest.mark.slow), (8, 5)],  # ragged chunks and blocks
+)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_value_and_gradients_match_the_plain_divergence(
     x64, key, divergence, beta, temperature, hard_weight, scaling, chunk_size, vocab_block_size,

@@ -54,7 +54,11 @@ def weighted(fields_fn, cotangents):
     return scalar
 
 
-SCHEDULES = [(None, None), (8, 5), (64, 100)]  # default; ragged chunks and blocks; one of each
+SCHEDULES = [  # default; ragged chunks and blocks; one of each
+    (None, None),
+    (8, 5),
+    pytest.param(64, 100, marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize(("chunk_size", "vocab_block_size"), SCHEDULES)
