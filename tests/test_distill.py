@@ -207,6 +207,12 @@ def test_bad_arguments_raise_naming_them():
         f(x, w, tx, tw, hard_weight=0.5)
     with pytest.raises(TypeError, match="labels must be integer"):
         f(x, w, tx, tw, labels=jnp.full((4, 5), 0.2), hard_weight=0.5)
+    with pytest.raises(ValueError, match=r"teacher_x is \[N, D\] = \(4, 2\) but teacher_w"):
+        f(x, w, tx, jnp.zeros((3, 5)))
+    with pytest.raises(ValueError, match=r"teacher_bias must have shape \(5,\)"):
+        f(x, w, tx, tw, teacher_bias=jnp.zeros(4))
+    with pytest.raises(ValueError, match="ignore_index=-1 needs labels"):
+        f(x, w, tx, tw, ignore_index=-1)
     with pytest.raises(TypeError, match="temperature_scaling must be a bool"):
         f(x, w, tx, tw, temperature_scaling="yes")
 
@@ -231,3 +237,21 @@ def test_on_8_devices_equal_the_plain_divergence_on_one(on_8_devices, case):
     result = on_8_devices[case]
     assert not isinstance(result, str), result  # a message: it raised
     assert result <= 1e-12
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_nan_padding_in_either_head_reaches_no_gradient(divergence):
+    k = jax.random.split(jax.random.key(7), 4)
+    x, w = jax.random.normal(k[0], (5, 3)).at[2].set(jnp.nan), jax.random.normal(k[1], (3, 7))
+    tx, tw = jax.random.normal(k[2], (5, 6)).at[2].set(jnp.nan), jax.random.normal(k[3], (6, 7))
+    where, labels = jnp.array([True, True, False, True, True]), jnp.zeros(5, jnp.int32)
+
+    def loss(x, w, tx, tw):
+        return jxent.linear_distillation_loss(
+            x, w, tx, tw, where=where, divergence=divergence, labels=labels, hard_weight=0.3,
+            teacher_gradient=True,
+        )  # fmt: skip
+
+    assert bool(jnp.isfinite(loss(x, w, tx, tw)))
+    for g in jax.grad(loss, (0, 1, 2, 3))(x, w, tx, tw):
+        assert bool(jnp.all(jnp.isfinite(g)))

@@ -183,7 +183,7 @@ def test_masked_and_ignored_tokens_are_zero_with_no_gradient(x64, key):
     y = y.at[2].set(-1)
     x = x.at[1].set(jnp.nan)  # padding may hold anything where it does not count
 
-    def f(x):
+    def f(x, w):
         out = jxent.linear_log_probs(x, w, y, where=where, ignore_index=-1)
         return out.log_prob.sum() + out.entropy.sum() + out.lse.sum()
 
@@ -191,9 +191,10 @@ def test_masked_and_ignored_tokens_are_zero_with_no_gradient(x64, key):
     for field in out[:3]:
         assert float(field[1]) == 0.0
         assert float(field[2]) == 0.0
-    dx = jax.grad(f)(x)
+    dx, dw = jax.grad(f, (0, 1))(x, w)
     assert float(jnp.max(jnp.abs(dx[1:3]))) == 0.0
     assert bool(jnp.all(jnp.isfinite(dx)))
+    assert bool(jnp.all(jnp.isfinite(dw)))  # x^T G: the padding row's NaN must not reach dW
 
 
 def test_bad_labels_and_temperatures_raise_eagerly_and_are_nan_under_jit(key):
@@ -320,3 +321,20 @@ def test_misspelled_options_are_named_with_the_one_meant(function, misspelled, m
     }.get(function, (x, w, y))
     with pytest.raises(TypeError, match=f"{misspelled!r}; did you mean {meant!r}"):
         getattr(jxent, function)(*args, **{misspelled: 1})
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nan_padding_reaches_no_gradient_of_the_cross_entropy_or_the_ggn(reduction):
+    x = jax.random.normal(jax.random.key(0), (4, 3)).at[1].set(jnp.nan)  # row 1: padding
+    w, y = jax.random.normal(jax.random.key(1), (3, 6)), jnp.array([0, 5, 2, 5])
+    where = jnp.array([True, False, True, True])
+
+    def loss(x, w):
+        return jnp.sum(jxent.linear_cross_entropy(x, w, y, where=where, reduction=reduction))
+
+    for g in jax.grad(loss, (0, 1))(x, w):
+        assert bool(jnp.all(jnp.isfinite(g)))
+    v = (jnp.ones_like(x), jnp.ones_like(w), None)
+    ggn = jxent.linear_cross_entropy_ggn_vector_product(x, w, y, v, where=where)
+    for g in jax.tree.leaves(ggn):
+        assert bool(jnp.all(jnp.isfinite(g)))

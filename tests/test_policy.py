@@ -328,3 +328,18 @@ def test_eight_devices_equal_the_whole_batch_float64():
     for case, error in errors.items():
         assert isinstance(error, float), (case, error)  # else the message of what raised
         assert error <= 1e-10, (case, error)
+
+
+def test_an_overflowing_ratio_with_a_zero_advantage_is_not_nan():
+    """exp(99) is inf in float32; times an advantage of 0 it would be NaN (GRPO groups whose
+    rewards are all equal have advantage 0). The log-ratio is clamped to [-20, 20] first."""
+    log_prob = jnp.array([-1.0, -1.0], jnp.float32)
+    old = jnp.array([-100.0, -1.5], jnp.float32)
+    advantages = jnp.array([0.0, 1.0], jnp.float32)
+
+    def loss(lp):
+        return jxent.policy_loss(lp, old, advantages, where=None, kl_coef=0.1, ref_log_prob=old)[0]
+
+    value, grad = jax.value_and_grad(loss)(log_prob)
+    assert bool(jnp.isfinite(value))
+    assert bool(jnp.all(jnp.isfinite(grad)))

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 LossType = Literal["token_mean", "sequence_mean", "token_sum"]
 LOSS_TYPES = ("token_mean", "sequence_mean", "token_sum")
+MAX_LOG = 20.0  # log-ratios are clamped to [-20, 20] before exponentials, as verl does
 
 
 class PolicyMetrics(NamedTuple):
@@ -91,9 +92,9 @@ def _per_token_advantages(advantages: jax.typing.ArrayLike, shape: tuple[int, ..
     if len(shape) >= 2 and advantages.shape == shape[:-1]:
         return advantages[..., None]  # one per sequence
     if advantages.shape != shape:
+        per_sequence = f"or per sequence, {shape[:-1]}, " if len(shape) >= 2 else ""
         raise ValueError(
-            f"advantages must be per token, {shape}, or per sequence, {shape[:-1]}, found "
-            f"{advantages.shape}"
+            f"advantages must be per token, {shape}, {per_sequence}found {advantages.shape}"
         )
     return advantages
 
@@ -189,6 +190,10 @@ def policy_loss(
 
     Tokens outside ``where`` contribute nothing and pass no gradient, whatever their values
     (NaN and infinite log-probabilities included): they are replaced before the exponentials.
+    The log-ratios :math:`\log\pi_\theta - \log\pi_{\text{old}}` and
+    :math:`\log\pi_{\text{ref}} - \log\pi_\theta` are clamped to :math:`[-20, 20]` first
+    (verl's convention): a ratio of :math:`e^{99}` would overflow float32, and its product
+    with an advantage of 0 be NaN; beyond the clamp the token passes no gradient.
 
     Args:
         log_prob: The policy's log-probability of each sampled token, ``[..., T]`` (sequences
@@ -273,12 +278,14 @@ def policy_loss(
         return jnp.zeros(shape, dtype) if a is None else jnp.where(counted, a.astype(dtype), 0)
 
     log_policy = counted_only(log_prob)
-    ratio = jnp.exp(log_policy - counted_only(old_log_prob))
+    # Log-ratios clamped to [-20, 20] before the exponentials (verl's convention): exp(99) is
+    # inf in float32, and inf * 0 (an advantage of 0, common in GRPO groups) would be NaN.
+    ratio = jnp.exp(jnp.clip(log_policy - counted_only(old_log_prob), -MAX_LOG, MAX_LOG))
     advantages = counted_only(advantages)
     pg = -jnp.minimum(
         ratio * advantages, jnp.clip(ratio, 1 - epsilon, 1 + epsilon_high) * advantages
     )
-    delta = counted_only(ref_log_prob) - log_policy
+    delta = jnp.clip(counted_only(ref_log_prob) - log_policy, -MAX_LOG, MAX_LOG)
     kl = jnp.zeros(shape, dtype) if ref_log_prob is None else jnp.expm1(delta) - delta
     bonus = counted_only(entropy)
 

@@ -65,7 +65,8 @@ def _blocks(ctx: _Ctx, c: _Chunk, start: Any, size: int, dot: bool = False):
     teacher = _chunked.block_logits(None, c.teacher_x, ctx.teacher.w, ctx.teacher.bias, start, size)
     u_dot = None
     if dot and any(d is not None for d in ctx.dots.teacher):
-        u_dot = _logits_dot(c.teacher_x, c.teacher_x_dot, ctx.dots.teacher, start, size, teacher)
+        teacher_x = _linear.counted_only(c.teacher_x, c.rows)  # NaN padding must not reach dW
+        u_dot = _logits_dot(teacher_x, c.teacher_x_dot, ctx.dots.teacher, start, size, teacher)
         u_dot = u_dot / t
     s_dot = None if part.logits_dot is None else part.logits_dot / t
     return part, part.blk.logits / t, teacher.logits / t, s_dot, u_dot
@@ -126,6 +127,11 @@ def _tangent_pass(ctx: _Ctx, c: _Chunk, pair, terms, scan_zero) -> jax.Array:
     def contract(c: _Chunk, pair: PairStats, terms, start: Any, size: int) -> jax.Array:
         part, s, u, s_dot, u_dot = _blocks(ctx, c, start, size, dot=True)
         d_s, d_u = _divergence.score_grads(div, s, u, pair, terms, teacher_dot)
+        # Zeroed first in rows that do not count: the transposed map then sends them exact
+        # zeros even where the derivatives are NaN (padding in either head).
+        counted = c.rows.counted[:, None]
+        s_dot = None if s_dot is None else jnp.where(counted, s_dot, 0.0)
+        u_dot = None if u_dot is None else jnp.where(counted, u_dot, 0.0)
         out = jnp.zeros(c.rows.counted.shape, s.dtype)
         if s_dot is not None:
             out = out + soft * jnp.sum(d_s * s_dot, axis=-1)
@@ -135,7 +141,8 @@ def _tangent_pass(ctx: _Ctx, c: _Chunk, pair, terms, scan_zero) -> jax.Array:
                     config, c.rows, ctx.student.problem.options, part.blk.logits, part.target,
                     pair.hard, ones, jnp.zeros_like(out),
                 )  # fmt: skip
-                out = out + div.hard_weight * jnp.sum(g * part.logits_dot, axis=-1)
+                z_dot = jnp.where(counted, part.logits_dot, 0.0)
+                out = out + div.hard_weight * jnp.sum(g * z_dot, axis=-1)
         if u_dot is not None:
             out = out + soft * jnp.sum(d_u * u_dot, axis=-1)
         return out
@@ -288,8 +295,16 @@ def _prepare(
     options = {"reduction": reduction, "weights": None, "ignore_index": ignore_index}
     options |= {"label_smoothing": 0.0, "z_loss": 0.0, "logit_softcap": None}
     teacher_x, teacher_w = jnp.asarray(teacher_x), jnp.asarray(teacher_w)
-    num_teacher, teacher_classes = _linear.check_shapes(teacher_x, teacher_w, teacher_bias)
     x, w = jnp.asarray(x), jnp.asarray(w)
+    _linear.check_shapes(x, w, bias)
+    num_teacher, teacher_classes = _linear.check_shapes(
+        teacher_x, teacher_w, teacher_bias, "teacher_"
+    )
+    if labels is None and ignore_index is not None:
+        raise ValueError(
+            f"{function}: ignore_index={ignore_index} needs labels (it is a label value); "
+            "without labels use where= to leave tokens out"
+        )
     if labels is None:
         labels = jnp.zeros((x.shape[0] if x.ndim else 0,), jnp.int32)
     student, problem = _linear.prepare(function, x, w, labels, bias, where, options)

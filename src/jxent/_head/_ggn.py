@@ -198,6 +198,8 @@ def _scan(
         rows = rows._replace(bad=rows.bad | (rows.counted & empty))
         p_dot = tan / jnp.where(rows.counted & ~empty, st.se, 1.0)
 
+        x = _linear.counted_only(c.x, rows)  # x^T u: NaN padding must not reach the W part
+
         def pass_b(g: dict, start: Any, size: int) -> dict:
             blk, target, options, logits_dot = _linear.block(ctx, c, rows, start, size, dot=True)
             u = _kernel.curvature_block(
@@ -216,7 +218,7 @@ def _scan(
             )
             return {  # u in the accumulation dtype, as G in the loss's gradient pass
                 "gx": g["gx"] + _chunked.matmul(u, blk.w.T, acc),
-                "gw": _chunked.add_columns(g["gw"], _chunked.matmul(c.x.T, u, acc), start, 1),
+                "gw": _chunked.add_columns(g["gw"], _chunked.matmul(x.T, u, acc), start, 1),
                 "gb": _chunked.add_columns(g["gb"], jnp.sum(u, axis=0), start, 0),
             }
 

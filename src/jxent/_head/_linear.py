@@ -124,19 +124,25 @@ def prepare(
     return Head(x, w, bias), problem
 
 
-def check_shapes(x: jax.Array, w: jax.Array, bias: ArrayLike | None) -> tuple[int, int]:
-    """``(N, L)`` of a head ``x [N, D]``, ``w [D, L]``, ``bias [L]``; raises on anything else."""
-    for name, a in (("x", x), ("w", w)):
+def check_shapes(
+    x: jax.Array, w: jax.Array, bias: ArrayLike | None, prefix: str = ""
+) -> tuple[int, int]:
+    """``(N, L)`` of a head ``x [N, D]``, ``w [D, L]``, ``bias [L]``; raises on anything else.
+
+    ``prefix`` names the arguments in the messages (``"teacher_"``: ``teacher_x``, ...).
+    """
+    nx, nw, nb = (prefix + n for n in ("x", "w", "bias"))
+    for name, a in ((nx, x), (nw, w)):
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise TypeError(f"{name} must have a floating dtype, found {a.dtype}")
         if a.ndim != 2:
             raise ValueError(f"{name} must be 2-D, found shape {a.shape}")
     if x.shape[1] != w.shape[0]:
-        raise ValueError(f"x is [N, D] = {x.shape} but w is [D, L] = {w.shape}: D differs")
+        raise ValueError(f"{nx} is [N, D] = {x.shape} but {nw} is [D, L] = {w.shape}: D differs")
     if w.shape[1] == 0:
-        raise ValueError(f"w must have at least one class (column), found shape {w.shape}")
+        raise ValueError(f"{nw} must have at least one class (column), found shape {w.shape}")
     if bias is not None and jnp.shape(bias) != (w.shape[1],):
-        raise ValueError(f"bias must have shape ({w.shape[1]},), found {jnp.shape(bias)}")
+        raise ValueError(f"{nb} must have shape ({w.shape[1]},), found {jnp.shape(bias)}")
     return x.shape[0], w.shape[1]
 
 
@@ -240,11 +246,17 @@ def block(ctx: Pass, c: Chunk, rows: Rows, start: Any, size: int, dot: bool = Fa
             logits_dot = logits_dot + jnp.dot(c.x_dot, blk.w, preferred_element_type=acc)
         if head_dot.w is not None:
             w_dot = lax.dynamic_slice_in_dim(head_dot.w, start, size, axis=1)
-            logits_dot = logits_dot + jnp.dot(c.x, w_dot, preferred_element_type=acc)
+            x = counted_only(c.x, rows)  # its transpose is x^T G: NaN padding must not reach dW
+            logits_dot = logits_dot + jnp.dot(x, w_dot, preferred_element_type=acc)
         if head_dot.bias is not None:
             bias_dot = lax.dynamic_slice_in_dim(head_dot.bias, start, size)
             logits_dot = logits_dot + bias_dot.astype(acc)[None, :]
     return _BlockParts(blk, target, options._replace(weights=weights), logits_dot)
+
+
+def counted_only(x: jax.Array, rows: Rows) -> jax.Array:
+    """``x`` with the rows that do not count zeroed (padding may hold NaN; ``0 * NaN`` is NaN)."""
+    return jnp.where(rows.counted[:, None], x, jnp.zeros((), x.dtype))
 
 
 def stats_pass(ctx: Pass, c: Chunk, rows: Rows, scan_zero: jax.Array) -> _kernel.Stats:
@@ -269,7 +281,7 @@ def _grads_pass(
     ctx: Pass, c: Chunk, rows: Rows, st: _kernel.Stats, want: _Derivatives, sums: dict, scan_zero
 ) -> tuple[dict, dict]:
     """Pass B: each block's rows of G, into dx, dlabels (per token) and the sums dW, db, ..."""
-    config, x = ctx.problem.config, c.x
+    config, x = ctx.problem.config, counted_only(c.x, rows)  # x^T G: no NaN padding in dW
     acc = st.se.dtype
 
     def fold(g: dict, start: Any, size: int) -> dict:
