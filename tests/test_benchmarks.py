@@ -81,3 +81,18 @@ def test_quick_mode_writes_outside_the_source_tree():
     assert "| workload |" in (folder / "q.md").read_text()
     assert "Sharded like the batch" in (folder / "q.md").read_text()
     assert (folder / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_the_distillation_experiment_runs_and_writes_nothing():
+    before = _status()
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.distill_demo", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "student" in out.stdout
+    assert _status() == before
