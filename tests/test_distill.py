@@ -71,7 +71,7 @@ CASES = [  # divergence, beta
     ("chunk_size", "vocab_block_size"),
     [pytest.param(None, None, marks=pytest.mark.slow), (8, 5)],  # ragged chunks and blocks
 )
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["mean", pytest.param("none", marks=pytest.mark.slow)])
 def test_value_and_gradients_match_the_plain_divergence(
     x64, key, divergence, beta, temperature, hard_weight, scaling, chunk_size, vocab_block_size,
     reduction,

@@ -63,7 +63,7 @@ SCHEDULES = [  # default; ragged chunks and blocks; one of each
 
 @pytest.mark.parametrize(("chunk_size", "vocab_block_size"), SCHEDULES)
 @pytest.mark.parametrize("cap", [None, 2.0])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("temperature", [pytest.param(1.0, marks=pytest.mark.slow), 0.7])
 def test_linear_log_probs_values_and_gradients_match_the_plain_fields(
     x64, key, chunk_size, vocab_block_size, cap, temperature
 ):
@@ -238,7 +238,7 @@ def test_bfloat16_log_prob_is_float32_and_within_bfloat16_rounding(x64, key):
     assert_tree_close(dx.astype(jnp.float64), ref, BF16_RTOL)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["mean", pytest.param("none", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("soft", [False, True])
 def test_return_stats_come_from_the_same_pass_and_leave_the_loss_alone(x64, key, reduction, soft):
     x, w, b, y, where = head_inputs(key)

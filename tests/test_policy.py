@@ -127,7 +127,9 @@ def microbatched(params, batch, loss_type, microbatches):
     return total
 
 
-@pytest.mark.parametrize("advantages", ["per_sequence", "per_token"])
+@pytest.mark.parametrize(
+    "advantages", ["per_sequence", pytest.param("per_token", marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_micro_batches_equal_the_whole_batch_objective_and_gradient(
     x64, key, loss_type, advantages
@@ -146,7 +148,7 @@ def test_micro_batches_equal_the_whole_batch_objective_and_gradient(
             np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-15)
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_whole_batch_call_is_the_definition(x64, key, loss_type, jit):
     params, batch = make_problem(key)
