@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import jxent
-from _reference import FLOAT64_RTOL, assert_tree_close
+from _reference import FLOAT64_RTOL, assert_tree_close, reference_loss
 
 B, T, D, L = 8, 5, 6, 13  # sequences, tokens per sequence, width, vocabulary
 
@@ -41,37 +41,7 @@ def hidden(params, tokens):
 TIED = jxent.train.LinearHead(w=lambda p: p["embed"].T, bias=lambda p: p["bias"])
 
 
-def plain_loss(
-    logits,
-    labels,
-    *,
-    reduction="mean",
-    weights=None,
-    where=None,
-    ignore_index=None,
-    label_smoothing=0.0,
-    z_loss=0.0,
-    logit_softcap=None,
-):
-    """Integer-label cross-entropy written plainly: log_softmax, a gather, PyTorch's mean."""
-    if logit_softcap is not None:
-        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    counted = jnp.ones(labels.shape, bool) if where is None else where
-    if ignore_index is not None:
-        counted = counted & (labels != ignore_index)
-    safe = jnp.where(counted, labels, 0)
-    w = jnp.ones(L, logits.dtype) if weights is None else jnp.asarray(weights)
-    picked = jnp.take_along_axis(log_p, safe[:, None], axis=1)[:, 0]
-    smooth = jnp.sum(w[None, :] * log_p, axis=1) / L
-    eps = label_smoothing
-    ce = jnp.where(counted, -((1 - eps) * w[safe] * picked + eps * smooth), 0)
-    z_term = jnp.where(counted, z_loss * jax.nn.logsumexp(logits, axis=-1) ** 2, 0)
-    if reduction == "sum":
-        return jnp.sum(ce) + jnp.sum(z_term)
-    return jnp.sum(ce) / jnp.sum(jnp.where(counted, w[safe], 0)) + jnp.sum(z_term) / jnp.sum(
-        counted
-    )
+plain_loss = reference_loss  # log_softmax, an explicit target, PyTorch's means
 
 
 def plain_metrics(logits, labels, counted, logit_softcap=None):
