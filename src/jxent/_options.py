@@ -130,10 +130,10 @@ def suggests_misspellings(fn: Callable[..., Any]) -> Callable[..., Any]:
     For public functions that spell their options out (``linear_cross_entropy``): Python's own
     message names the unknown argument but not the one meant. The signature stays ``fn``'s.
     """
+    known = inspect.signature(fn).parameters  # once: the wrapper runs on every eager call
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        known = inspect.signature(fn).parameters
         unknown = [k for k in kwargs if k not in known]
         if unknown:
             close = difflib.get_close_matches(unknown[0], list(known), n=1)
